@@ -1,0 +1,5 @@
+import sys
+
+from maml_jax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""``maml-jax`` command line: ``train``, ``bench``, ``list-configs``.
+
+Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
+
+EXIT_USAGE, EXIT_NONFINITE = 2, 3
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull ``--config.key=value`` (or ``--config.key value``) out of ``argv``."""
+    rest, overrides, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"--config.{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _train(args, overrides) -> int:
+    from maml_jax.experiment import train_and_evaluate
+
+    config = apply_overrides(load_config(args.config), overrides)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{config.name}-{stamp}"
+    print(f"run directory: {workdir}", file=sys.stderr)
+    out = train_and_evaluate(config, workdir, progress=not args.no_progress)
+    print(out["table"])
+    print(f"\nresults, metrics and figures in {workdir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: python -m maml_jax.bench
+        from maml_jax import bench
+
+        return bench.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="maml-jax", description="Gradient-based meta-learning in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser(
+        "train",
+        help="meta-train and evaluate a config",
+        description="Meta-train and evaluate a config. Override any field with --config.KEY=VALUE.",
+    )
+    p_train.add_argument("config", nargs="?", default=None, help="config name (see list-configs) or path to a .py file")
+    p_train.add_argument("--config", dest="config_opt", default=None, help="same as the positional CONFIG")
+    p_train.add_argument("--workdir", default=None, help="run directory (default runs/<name>-<time>); reused to resume")
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("list-configs", help="list the available config names")
+    sub.add_parser("bench", help="benchmark meta-train steps per second (maml-jax bench --help)", add_help=False)
+
+    try:
+        argv, overrides = split_config_overrides(argv)
+        args = parser.parse_args(argv)
+        if args.command == "list-configs":
+            print("\n".join(list_configs()))
+            return 0
+        args.config = args.config_opt or args.config
+        if args.config is None:
+            parser.error("train needs a config: maml-jax train sinusoid (see maml-jax list-configs)")
+        return _train(args, overrides)
+    except ConfigError as err:
+        print(f"maml-jax: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except FloatingPointError as err:
+        print(f"maml-jax: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

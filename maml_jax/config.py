@@ -1,0 +1,162 @@
+"""Experiment configuration: one frozen dataclass, Python config files, CLI overrides.
+
+A config file is a Python module with ``get_config() -> Config`` (see ``experiments/configs``).
+Overrides read ``key=value`` (from ``--config.key=value`` on the command line); each value is
+parsed by the field's type and the result is validated, with errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import typing
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every field an experiment reads. Defaults are the sinusoid setup of Finn et al. (2017)."""
+
+    name: str = "sinusoid"
+    dataset: str = "sinusoid"
+    seed: int = 0
+    # model
+    model: str = "mlp"
+    hidden_sizes: tuple[int, ...] = (40, 40)
+    activation: str = "relu"
+    kernel_init: str = "lecun_normal"
+    # tasks (for regression, shots = support points per task, queries = query points)
+    shots: int = 10
+    queries: int = 10
+    # inner loop
+    num_inner_steps: int = 1
+    inner_lr: float = 0.01
+    first_order: bool = False
+    # outer loop
+    meta_batch_size: int = 25
+    outer_lr: float = 1e-3
+    num_iterations: int = 70_000
+    task_map: str = "vmap"
+    steps_per_call: int = 500  # train steps fused into one compiled call (device-side sampling)
+    log_every: int = 1000
+    checkpoint_every: int = 5000
+    # meta-test evaluation
+    eval_num_tasks: int = 600
+    eval_seed: int = 1_000_003
+    eval_shots: tuple[int, ...] = (5, 10, 20)
+    eval_inner_steps: tuple[int, ...] = (0, 1, 10)
+    eval_grid_points: int = 100
+    # baselines trained with the same budget: "pretrained" = joint training, 0 inner steps
+    baselines: tuple[str, ...] = ("pretrained",)
+    # inner-loop step sizes tried for the pretrained baseline's fine-tuning (picked on
+    # separate validation tasks, as the paper's "automatically tuned step size")
+    baseline_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.02, 0.05)
+
+    def validate(self) -> Config:
+        positive = ["shots", "queries", "meta_batch_size", "num_iterations", "steps_per_call", "log_every"]
+        positive += ["checkpoint_every", "eval_num_tasks", "eval_grid_points"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config.{key} must be > 0, got {getattr(self, key)}")
+        if self.num_inner_steps < 0:
+            raise ConfigError(f"config.num_inner_steps must be >= 0, got {self.num_inner_steps}")
+        for key in ("inner_lr", "outer_lr"):
+            v = getattr(self, key)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"config.{key} must be finite and >= 0, got {v}")
+        if any(v <= 0 for v in self.eval_shots):
+            raise ConfigError(f"config.eval_shots must all be > 0, got {self.eval_shots}")
+        if any(v < 0 for v in self.eval_inner_steps):
+            raise ConfigError(f"config.eval_inner_steps must all be >= 0, got {self.eval_inner_steps}")
+        if any(v <= 0 or not math.isfinite(v) for v in self.baseline_lr_grid):
+            raise ConfigError(f"config.baseline_lr_grid must be finite and > 0, got {self.baseline_lr_grid}")
+        if self.task_map not in ("vmap", "map"):
+            raise ConfigError(f"config.task_map must be 'vmap' or 'map', got {self.task_map!r}")
+        if self.dataset not in ("sinusoid",):
+            raise ConfigError(f"config.dataset must be one of ['sinusoid'], got {self.dataset!r}")
+        unknown = set(self.baselines) - {"pretrained"}
+        if unknown:
+            raise ConfigError(f"config.baselines: unknown baseline(s) {sorted(unknown)}; known: ['pretrained']")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(key: str, typ, text: str):
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+        if origin is tuple:
+            (elem, _) = typing.get_args(typ)
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            return tuple(_parse_value(key, elem, p.strip()) for p in parts)
+    except ValueError:
+        raise ConfigError(f"config.{key}: cannot read {text!r} as {getattr(typ, '__name__', typ)}") from None
+    raise ConfigError(f"config.{key}: unsupported field type {typ}")
+
+
+def apply_overrides(config: Config, overrides: dict[str, str]) -> Config:
+    """Return ``config`` with ``{key: text}`` parsed by each field's type, then validated."""
+    hints = typing.get_type_hints(Config)
+    changes = {}
+    for key, text in overrides.items():
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ConfigError(f"unknown config key {key!r}; known keys: {known}")
+        changes[key] = _parse_value(key, hints[key], text)
+    return dataclasses.replace(config, **changes).validate()
+
+
+def config_search_dirs() -> list[Path]:
+    """Where config names are looked up: ``./experiments/configs`` then the repository's."""
+    repo = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    return [Path.cwd() / "experiments" / "configs", repo]
+
+
+def load_config(name_or_path: str) -> Config:
+    """Load ``get_config()`` from a ``.py`` path or a config name such as ``sinusoid``."""
+    path = Path(name_or_path)
+    if path.suffix != ".py":
+        candidates = [d / f"{name_or_path}.py" for d in config_search_dirs()]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ConfigError(
+                f"no config named {name_or_path!r}; looked in {[str(c.parent) for c in candidates]} "
+                f"(available: {', '.join(list_configs()) or 'none'})"
+            )
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"maml_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: get_config() must return maml_jax.config.Config, got {type(config).__name__}")
+    return config.validate()
+
+
+def list_configs() -> list[str]:
+    names = set()
+    for d in config_search_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(names)

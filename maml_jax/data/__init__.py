@@ -1,0 +1,1 @@
+"""Task samplers: each returns fixed-shape task batches ``[tasks, examples, *features]``."""

@@ -1,0 +1,6 @@
+"""Models as functional ``(init, apply)`` pairs; parameters are always passed explicitly."""
+
+from maml_jax.models.base import Model
+from maml_jax.models.mlp import mlp
+
+__all__ = ["Model", "mlp"]

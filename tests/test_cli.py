@@ -1,0 +1,84 @@
+"""The main job end to end on a tiny budget: run directory, resume, errors, bench."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from maml_jax import mlp, rundir
+from maml_jax.cli import main
+
+TINY = [
+    "--config.num_iterations=400",
+    "--config.steps_per_call=100",
+    "--config.log_every=100",
+    "--config.checkpoint_every=200",
+    "--config.eval_num_tasks=30",
+    "--no-progress",
+]
+
+
+def load_params(path):
+    template = mlp((40, 40), 1).init(jax.random.PRNGKey(0), np.zeros((1, 1), np.float32))
+    return rundir.load_pytree(path, template)
+
+
+def test_train_writes_a_complete_run_directory(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["train", "sinusoid", "--workdir", str(workdir), *TINY, "--config.baseline_lr_grid=0.01,0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "| MAML (α=0.01) | 5 |" in out and "| pretrained" in out
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["num_iterations"] == 400 and config["inner_lr"] == 0.01
+    meta = json.loads((workdir / "run.json").read_text())
+    assert meta["seed"] == 0 and "jax" in meta["versions"] and meta["devices"]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["run"] == "maml"] == [100, 200, 300, 400]
+    assert len(list(csv.DictReader(open(workdir / "metrics.csv")))) == len(rows)
+    results = json.loads((workdir / "eval.json").read_text())["results"]
+    assert set(results) == {"maml", "pretrained"}
+    mse = results["maml"]["by_shots"]["10"]["mse"]
+    assert set(mse) == {"0", "1", "10"} and all(np.isfinite(v[0]) for v in mse.values())
+    png = (workdir / "sinusoid_adaptation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (workdir / "sinusoid_adaptation.pdf").exists()
+    assert load_params(workdir / "maml" / "params.msgpack")
+
+
+def test_resume_matches_uninterrupted_training(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--config.baselines=", "--config.eval_shots=5", "--config.eval_inner_steps=0,1"]
+    assert main(["train", "sinusoid", "--workdir", str(full), *TINY, *args]) == 0
+    half = [a if "num_iterations" not in a else "--config.num_iterations=200" for a in TINY]
+    assert main(["train", "sinusoid", "--workdir", str(part), *half, *args]) == 0
+    assert main(["train", "sinusoid", "--workdir", str(part), *TINY, *args]) == 0  # resumes at 200
+    a = load_params(full / "maml" / "params.msgpack")
+    b = load_params(part / "maml" / "params.msgpack")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_config_exits_2_with_the_key_named(capsys):
+    assert main(["train", "sinusoid", "--config.inner_rate=0.1"]) == 2
+    assert "unknown config key 'inner_rate'" in capsys.readouterr().err
+    assert main(["train", "no_such_config"]) == 2
+    assert "no config named 'no_such_config'" in capsys.readouterr().err
+
+
+def test_list_configs(capsys):
+    assert main(["list-configs"]) == 0
+    assert "sinusoid" in capsys.readouterr().out.split()
+
+
+@pytest.mark.parametrize("entry", [["-m", "maml_jax.bench"], ["-m", "maml_jax", "bench"]])
+def test_bench_prints_one_json_line(entry):
+    cmd = [sys.executable, *entry, "--workload", "sinusoid", "--iters", "20", "--warmup", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["workload"] == "sinusoid" and result["it_per_s"] > 0 and result["compile_s"] > 0
