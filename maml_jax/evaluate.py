@@ -60,7 +60,13 @@ def adaptation_curve(
     return map_tasks(one, tasks, task_map)
 
 
-def summarize_curve(curve: dict[str, jax.Array], steps: Sequence[int]) -> dict[str, dict[int, tuple[float, float]]]:
-    """``{metric: {k: (mean, ci95)}}`` for each requested step count ``k``."""
+def summarize_curve(
+    curve: dict[str, jax.Array], steps: Sequence[int]
+) -> dict[str, dict[int, tuple[float, float, float]]]:
+    """``{metric: {k: (mean, ci95, median)}}`` for each requested step count ``k``. The median
+    shows when a mean is carried by a few tasks whose adaptation diverged."""
     curve = jax.device_get(curve)
-    return {name: {int(k): mean_ci95(values[:, k]) for k in steps} for name, values in curve.items()}
+    return {
+        name: {int(k): (*mean_ci95(values[:, k]), float(np.median(values[:, k]))) for k in steps}
+        for name, values in curve.items()
+    }

@@ -116,36 +116,37 @@ def train_model(
     return state.meta_params
 
 
-def sinusoid_eval(
-    config: Config, model: Model, params: Any, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]
-) -> dict[int, dict[str, dict[int, tuple[float, float]]]]:
-    """``{K: {"mse": {steps: (mean, ci95)}}}`` for each K in ``shots``, on ``num_tasks`` tasks
-    whose query set is a grid of ``config.eval_grid_points`` points over [−5, 5]."""
-    loss_fn = mse_loss(model.apply)
+def make_sinusoid_eval(config: Config, model: Model):
+    """Returns ``evaluate(params, *, inner_lr, seed, num_tasks, shots)`` ->
+    ``{K: {"mse": {steps: (mean, ci95)}}}`` for each K in ``shots``, on ``num_tasks`` tasks whose
+    query set is a grid of ``config.eval_grid_points`` points over [−5, 5]. One compiled curve
+    per K; the step size is a traced argument, so a learning-rate sweep does not recompile."""
     max_steps = max(config.eval_inner_steps)
-    out = {}
-    for k in shots:
-        tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(seed), num_tasks, k, config.eval_grid_points)
-        curve = jax.jit(
-            functools.partial(
-                adaptation_curve, task_loss_fn=loss_fn, num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap"
-            )
-        )(params, tasks)
-        summary = summarize_curve(curve, config.eval_inner_steps)
-        out[k] = {"mse": summary["loss"]}
-    return out
+
+    @jax.jit
+    def curve(params, tasks, inner_lr):
+        return adaptation_curve(
+            params, tasks, mse_loss(model.apply), num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap"
+        )
+
+    def evaluate(params, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]):
+        out = {}
+        for k in shots:
+            tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(seed), num_tasks, k, config.eval_grid_points)
+            out[k] = {"mse": summarize_curve(curve(params, tasks, inner_lr), config.eval_inner_steps)["loss"]}
+        return out
+
+    return evaluate
 
 
-def tune_baseline_lr(config: Config, model: Model, params: Any) -> dict[int, float]:
+def tune_baseline_lr(config: Config, evaluate, params: Any) -> dict[int, float]:
     """Per K, the fine-tuning step size from ``config.baseline_lr_grid`` with the lowest mean
     post-update MSE (over the reported step counts > 0) on 100 validation tasks drawn from a
-    seed disjoint from the test tasks."""
+    seed disjoint from the test tasks (the paper's "automatically tuned step size")."""
     scores: dict[int, list[float]] = {k: [] for k in config.eval_shots}
     post = [s for s in config.eval_inner_steps if s > 0] or [0]
     for lr in config.baseline_lr_grid:
-        res = sinusoid_eval(
-            config, model, params, inner_lr=lr, seed=config.eval_seed + 1, num_tasks=100, shots=config.eval_shots
-        )
+        res = evaluate(params, inner_lr=lr, seed=config.eval_seed + 1, num_tasks=100, shots=config.eval_shots)
         for k in config.eval_shots:
             score = float(np.mean([res[k]["mse"][s][0] for s in post]))
             scores[k].append(score if np.isfinite(score) else np.inf)  # a diverging step size loses
@@ -176,25 +177,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     for name in config.baselines:
         trained[name] = train_model(config, workdir, name, 0, writer, progress=progress)
 
+    evaluate = make_sinusoid_eval(config, model)
     results: dict[str, Any] = {}
     for label, params in trained.items():
         if label == "pretrained":
-            lrs = tune_baseline_lr(config, model, params)
+            lrs = tune_baseline_lr(config, evaluate, params)
         else:
             lrs = {k: config.inner_lr for k in config.eval_shots}
         by_shots = {}
         for k in config.eval_shots:
-            by_shots.update(
-                sinusoid_eval(
-                    config,
-                    model,
-                    params,
-                    inner_lr=lrs[k],
-                    seed=config.eval_seed,
-                    num_tasks=config.eval_num_tasks,
-                    shots=[k],
-                )
-            )
+            kw = dict(inner_lr=lrs[k], seed=config.eval_seed, num_tasks=config.eval_num_tasks, shots=[k])
+            by_shots.update(evaluate(params, **kw))
         results[label] = {"inner_lr": lrs, "by_shots": by_shots}
     table = format_table(results, config.eval_inner_steps)
     rundir.write_json(
