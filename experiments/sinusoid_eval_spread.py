@@ -1,0 +1,64 @@
+"""How much do the sinusoid figures move with the draw of the 600 evaluation tasks, and which
+tasks carry a large mean? Reads a run directory written by ``maml-jax train sinusoid``.
+
+    python experiments/sinusoid_eval_spread.py runs/sinusoid-seed0 [--seeds 6]
+
+Prints, for evaluation seeds 0..n-1, the pre-update and post-update MSE of the run's MAML
+model (K = 5, 10, 20); then the three worst K=5 tasks of the run's own evaluation seed after
+10 steps, with the mean of the remaining tasks.
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from maml_jax import adaptation_curve, mse_loss, rundir
+from maml_jax.config import Config
+from maml_jax.data import sinusoid
+from maml_jax.experiment import build_model, make_sinusoid_eval
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--seeds", type=int, default=6)
+    a = ap.parse_args()
+    raw = json.loads((a.run_dir / "config.json").read_text())
+    config = Config(**{f.name: _tuple(raw[f.name]) for f in dataclasses.fields(Config)})
+    model = build_model(config)
+    template = model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.float32))
+    params = rundir.load_pytree(a.run_dir / "maml" / "params.msgpack", template)
+    evaluate = make_sinusoid_eval(config, model)
+    print("eval seed | K=5: 0 / 1 / 10 steps | K=10 | K=20")
+    for seed in range(a.seeds):
+        r = evaluate(params, inner_lr=config.inner_lr, seed=seed, num_tasks=config.eval_num_tasks, shots=(5, 10, 20))
+        cells = [" / ".join(f"{r[k]['mse'][s][0]:.3f}" for s in (0, 1, 10)) for k in (5, 10, 20)]
+        print(f"{seed} | " + " | ".join(cells))
+    tasks, fns = sinusoid.sample_eval_tasks(jax.random.PRNGKey(config.eval_seed), config.eval_num_tasks, 5)
+    curve = np.asarray(
+        adaptation_curve(params, tasks, mse_loss(model.apply), num_inner_steps=10, inner_lr=config.inner_lr)["loss"]
+    )
+    worst = np.argsort(-curve[:, 10])[:3]
+    for i in worst:
+        print(
+            f"task {i}: amplitude {float(fns.amplitude[i]):.2f}, "
+            f"support x {np.round(np.sort(tasks.support.x[i, :, 0]), 2)}, "
+            f"MSE after 1 step {curve[i, 1]:.3f}, after 10 steps {curve[i, 10]:.3f}"
+        )
+    rest = np.delete(curve[:, 10], worst[0])
+    print(
+        f"K=5, 10 steps: mean {curve[:, 10].mean():.3f}, median {np.median(curve[:, 10]):.3f}, "
+        f"mean without the worst task {rest.mean():.3f}"
+    )
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+if __name__ == "__main__":
+    main()
