@@ -16,7 +16,6 @@ import csv
 import datetime
 import importlib.metadata
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 
 import flax.serialization
 import jax
+
+from maml_jax.files import atomic_write_bytes
 
 PACKAGES = ("maml_jax", "jax", "jaxlib", "optax", "flax", "chex", "numpy")
 
@@ -54,18 +55,6 @@ def git_commit(path: Path) -> str | None:
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
