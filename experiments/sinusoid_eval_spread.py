@@ -9,7 +9,6 @@ model (K = 5, 10, 20); then the three worst K=5 tasks of the run's own evaluatio
 """
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import jax
 import numpy as np
 
 from maml_jax import adaptation_curve, mse_loss, rundir
-from maml_jax.config import Config
+from maml_jax.config import config_from_dict
 from maml_jax.data import sinusoid
-from maml_jax.experiment import build_model, make_sinusoid_eval
+from maml_jax.task_families import build_task_family
 
 
 def main() -> None:
@@ -28,11 +27,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=6)
     a = ap.parse_args()
     raw = json.loads((a.run_dir / "config.json").read_text())
-    config = Config(**{f.name: _tuple(raw[f.name]) for f in dataclasses.fields(Config)})
-    model = build_model(config)
+    config = config_from_dict(raw)
+    family = build_task_family(config)
+    model, evaluate = family.model, family.evaluate
     template = model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.float32))
     params = rundir.load_pytree(a.run_dir / "maml" / "params.msgpack", template)
-    evaluate = make_sinusoid_eval(config, model)
     print("eval seed | K=5: 0 / 1 / 10 steps | K=10 | K=20")
     for seed in range(a.seeds):
         r = evaluate(params, inner_lr=config.inner_lr, seed=seed, num_tasks=config.eval_num_tasks, shots=(5, 10, 20))
@@ -54,10 +53,6 @@ def main() -> None:
         f"K=5, 10 steps: mean {curve[:, 10].mean():.3f}, median {np.median(curve[:, 10]):.3f}, "
         f"mean without the worst task {rest.mean():.3f}"
     )
-
-
-def _tuple(v):
-    return tuple(v) if isinstance(v, list) else v
 
 
 if __name__ == "__main__":

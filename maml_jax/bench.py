@@ -4,6 +4,12 @@ Prints one JSON line per workload: ``{"workload", "it_per_s", "compile_s", ...}`
 match ``shared/bench/torch_peers.py`` exactly (second-order MAML, Adam outer update, fixed
 random data, since timing does not depend on values). One iteration is one call of the
 jitted train step, parameters and optimizer state carried from call to call.
+
+Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot-5w1s``,
+``omniglot-20w1s``, ``miniimagenet-5w1s`` (cross-entropy). ``--conv-impl`` and ``--task-map``
+default to the fastest choice measured on a 2-core CPU (``patches`` and ``map``); on GPU/TPU
+measure ``lax``/``vmap`` too. ``--tasks`` overrides the task count (for smoke tests only: the
+result is then not the benchmark shape).
 """
 
 from __future__ import annotations
@@ -16,46 +22,89 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from maml_jax.core import batched_meta_loss
-from maml_jax.losses import mse_loss
-from maml_jax.models import mlp
+from maml_jax.losses import cross_entropy_loss, mse_loss
+from maml_jax.models import conv4, mlp
 from maml_jax.train import init_train_state, make_train_step
 from maml_jax.types import Batch, Task
 
+# query = query examples per class (as in torch_peers.py); image shapes are NHWC
 WORKLOADS = {
     "sinusoid": dict(kind="mlp", tasks=25, ways=1, shots=10, query=10, steps=1, alpha=0.01),
+    "omniglot-5w1s": dict(kind="omniglot", tasks=32, ways=5, shots=1, query=15, steps=1, alpha=0.4),
+    "omniglot-20w1s": dict(kind="omniglot", tasks=16, ways=20, shots=1, query=5, steps=5, alpha=0.1),
+    "miniimagenet-5w1s": dict(kind="miniimagenet", tasks=4, ways=5, shots=1, query=15, steps=5, alpha=0.01),
 }
+IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
+CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU, see README)
+TASK_MAPS = ("map", "vmap")  # first = default for conv workloads; the MLP uses vmap
 
 
-def build(name: str, task_map: str):
-    w = WORKLOADS[name]
+def _image_tasks(key: jax.Array, w: dict) -> Task:
+    """Random images ``[tasks, ways·shots, H, W, C]`` / ``[tasks, ways·query, ...]``, labels
+    ``[tasks, ways·shots]`` class-major (``0,0,…,1,1,…``) as in torch_peers.py."""
+    shape = IMAGE_SHAPES[w["kind"]]
+    ns, nq = w["ways"] * w["shots"], w["ways"] * w["query"]
+    kxs, kxq = jax.random.split(key)
+    labels = lambda per_class: jnp.broadcast_to(  # noqa: E731
+        jnp.repeat(jnp.arange(w["ways"]), per_class), (w["tasks"], w["ways"] * per_class)
+    )
+    return Task(
+        Batch(jax.random.normal(kxs, (w["tasks"], ns, *shape)), labels(w["shots"])),
+        Batch(jax.random.normal(kxq, (w["tasks"], nq, *shape)), labels(w["query"])),
+    )
+
+
+def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None):
+    """``(jitted train step, train state, task batch)`` for workload ``name``."""
+    w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
     key = jax.random.PRNGKey(0)
     k_init, kxs, kxq, kys, kyq = jax.random.split(key, 5)
-    if w["kind"] != "mlp":
-        raise NotImplementedError(name)
-    model = mlp((40, 40), 1)
-    xs = jax.random.uniform(kxs, (w["tasks"], w["shots"], 1), minval=-5, maxval=5)
-    xq = jax.random.uniform(kxq, (w["tasks"], w["query"], 1), minval=-5, maxval=5)
-    tasks = Task(
-        Batch(xs, jax.random.normal(kys, xs.shape)),
-        Batch(xq, jax.random.normal(kyq, xq.shape)),
-    )
-    loss_fn = mse_loss(model.apply)
+    if w["kind"] == "mlp":
+        model = mlp((40, 40), 1)
+        xs = jax.random.uniform(kxs, (w["tasks"], w["shots"], 1), minval=-5, maxval=5)
+        xq = jax.random.uniform(kxq, (w["tasks"], w["query"], 1), minval=-5, maxval=5)
+        tasks = Task(
+            Batch(xs, jax.random.normal(kys, xs.shape)),
+            Batch(xq, jax.random.normal(kyq, xq.shape)),
+        )
+        loss_fn = mse_loss(model.apply)
+    else:
+        model = conv4(w["ways"], dataset=w["kind"], conv_impl=conv_impl)
+        tasks = jax.jit(functools.partial(_image_tasks, w=w))(kxs)
+        xs = tasks.support.x
+        loss_fn = cross_entropy_loss(model.apply)
     objective = functools.partial(
         batched_meta_loss, task_loss_fn=loss_fn, num_inner_steps=w["steps"], inner_lr=w["alpha"], task_map=task_map
     )
     optimizer = optax.adam(1e-3)
-    state = init_train_state(model.init(k_init, xs[0]), optimizer, key)
+    example_x = xs[0]
+    state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, key))(k_init)
     step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
     return step, state, tasks
 
 
-def measure(name: str, iters: int, warmup: int, task_map: str = "vmap", windows: int = 5) -> dict:
-    """Compile, warm up, then time ``iters`` steps split into ``windows`` equal windows;
-    ``it_per_s`` is the median window rate (robust to a noisy neighbour on a shared CPU)."""
-    step, state, tasks = build(name, task_map)
+def default_task_map(name: str) -> str:
+    return "vmap" if WORKLOADS[name]["kind"] == "mlp" else TASK_MAPS[0]
+
+
+def measure(
+    name: str,
+    iters: int,
+    warmup: int,
+    task_map: str | None = None,
+    windows: int = 5,
+    conv_impl: str = CONV_IMPLS[0],
+    num_tasks: int | None = None,
+) -> dict:
+    """Compile, warm up, then time ``iters`` steps split into ``min(windows, iters)`` equal
+    windows; ``it_per_s`` is the median window rate (robust to a noisy neighbour on a shared
+    CPU). ``task_map=None`` takes the workload's default."""
+    task_map = task_map or default_task_map(name)
+    step, state, tasks = build(name, task_map, conv_impl, num_tasks)
     t0 = time.perf_counter()
     compiled = step.lower(state, tasks).compile()
     compile_s = time.perf_counter() - t0
@@ -65,6 +114,7 @@ def measure(name: str, iters: int, warmup: int, task_map: str = "vmap", windows:
     for _ in range(warmup):
         state, metrics = compiled(state, tasks)
     jax.block_until_ready(state)
+    windows = max(1, min(windows, iters))
     per_window = max(1, iters // windows)
     rates = []
     for _ in range(windows):
@@ -82,6 +132,8 @@ def measure(name: str, iters: int, warmup: int, task_map: str = "vmap", windows:
         "flops_per_step": flops,
         "iters": per_window * windows,
         "task_map": task_map,
+        "conv_impl": None if WORKLOADS[name]["kind"] == "mlp" else conv_impl,
+        "tasks": int(tasks.query.x.shape[0]),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
     }
@@ -92,13 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", default="sinusoid", choices=sorted(WORKLOADS) + ["all"])
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--task-map", default="vmap", choices=["vmap", "map"])
+    ap.add_argument(
+        "--task-map", default=None, choices=["vmap", "map"], help="default: vmap for sinusoid, map for conv4 workloads"
+    )
+    ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
+    ap.add_argument("--tasks", type=int, default=None, help="override the task count (tests only; not the bench shape)")
     a = ap.parse_args(argv)
     if a.iters <= 0 or a.warmup < 0:
         ap.error("--iters must be > 0 and --warmup >= 0")
+    if a.tasks is not None and a.tasks <= 0:
+        ap.error("--tasks must be > 0")
     names = sorted(WORKLOADS) if a.workload == "all" else [a.workload]
     for name in names:
-        print(json.dumps(measure(name, a.iters, a.warmup, a.task_map)), flush=True)
+        result = measure(name, a.iters, a.warmup, a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks)
+        print(json.dumps(result), flush=True)
     return 0
 
 

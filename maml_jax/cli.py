@@ -1,18 +1,21 @@
-"""``maml-jax`` command line: ``train``, ``bench``, ``list-configs``.
+"""``maml-jax`` command line: ``train``, ``eval``, ``eval-lake-runs``, ``bench``, ``list-configs``.
 
-Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training.
+Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training, 4 missing or
+broken data / run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from pathlib import Path
 
 from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
+from maml_jax.data.cache import DatasetError
 
-EXIT_USAGE, EXIT_NONFINITE = 2, 3
+EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
 
 
 def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -63,6 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--config", dest="config_opt", default=None, help="same as the positional CONFIG")
     p_train.add_argument("--workdir", default=None, help="run directory (default runs/<name>-<time>); reused to resume")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_eval = sub.add_parser(
+        "eval", help="meta-test a run directory (finished, or its latest checkpoint)", description=None
+    )
+    p_eval.add_argument("--run-dir", required=True, help="run directory written by maml-jax train")
+    p_eval.add_argument("--model", default="maml", help="which trained model of the run (default maml)")
+    p_eval.add_argument("--num-tasks", type=int, default=None, help="meta-test tasks (default: the config's)")
+    p_lake = sub.add_parser(
+        "eval-lake-runs",
+        help="Lake et al. 20-way one-shot runs with a 20-way Omniglot model; prints one JSON line",
+    )
+    p_lake.add_argument("--run-dir", required=True, help="run directory of a 20-way Omniglot model")
+    p_lake.add_argument("--runs", required=True, help="all_runs.zip or its unpacked folder")
+    p_lake.add_argument("--model", default="maml")
     sub.add_parser("list-configs", help="list the available config names")
     sub.add_parser("bench", help="benchmark meta-train steps per second (maml-jax bench --help)", add_help=False)
 
@@ -72,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list-configs":
             print("\n".join(list_configs()))
             return 0
+        if args.command == "eval":
+            from maml_jax.experiment import evaluate_run
+
+            out = evaluate_run(args.run_dir, label=args.model, num_tasks=args.num_tasks)
+            print(f"model at step {out['step']}\n{out['table']}")
+            return 0
+        if args.command == "eval-lake-runs":
+            from maml_jax.experiment import evaluate_lake_runs
+
+            print(json.dumps(evaluate_lake_runs(args.run_dir, args.runs, label=args.model)))
+            return 0
         args.config = args.config_opt or args.config
         if args.config is None:
             parser.error("train needs a config: maml-jax train sinusoid (see maml-jax list-configs)")
@@ -79,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"maml-jax: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except (FileNotFoundError, DatasetError) as err:
+        print(f"maml-jax: {err}", file=sys.stderr)
+        return EXIT_DATA
     except FloatingPointError as err:
         print(f"maml-jax: {err}", file=sys.stderr)
         return EXIT_NONFINITE

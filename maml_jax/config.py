@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import sys
 import typing
 from pathlib import Path
 
 
 class ConfigError(ValueError):
     """A config key is unknown, mistyped or out of range."""
+
+
+# dataset -> images per class (None: tasks are generated, not drawn from a finite pool)
+DATASETS = {"sinusoid": None, "omniglot": 20, "miniimagenet": 600}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +35,15 @@ class Config:
     hidden_sizes: tuple[int, ...] = (40, 40)
     activation: str = "relu"
     kernel_init: str = "lecun_normal"
-    # tasks (for regression, shots = support points per task, queries = query points)
+    # classification data (omniglot / miniimagenet)
+    data_dir: str = ""  # "" = $MAML_JAX_DATA/<dataset> or the user cache dir
+    omniglot_split: str = "paper"  # "paper" (1200 train characters) or "lake" (background/evaluation)
+    rotations: bool = True  # omniglot: 90° rotations of the training characters are new classes
+    conv_impl: str = "patches"  # conv4 convolution: "patches" (im2col + matmul) or "lax"
+    check_dataset_counts: bool = True  # miniimagenet: insist on 64/16/20 classes x 600 images
+    # tasks (for regression, shots = support points per task, queries = query points; for
+    # classification, ways-way shots-shot with queries query examples per class)
+    ways: int = 5
     shots: int = 10
     queries: int = 10
     # inner loop
@@ -51,6 +64,8 @@ class Config:
     eval_shots: tuple[int, ...] = (5, 10, 20)
     eval_inner_steps: tuple[int, ...] = (0, 1, 10)
     eval_grid_points: int = 100
+    eval_queries: int = 15  # classification: query examples per class at meta-test
+    eval_batch_tasks: int = 50  # classification: meta-test tasks adapted per compiled call
     # baselines trained with the same budget: "pretrained" = joint training, 0 inner steps
     baselines: tuple[str, ...] = ("pretrained",)
     # inner-loop step sizes tried for the pretrained baseline's fine-tuning (picked on
@@ -58,8 +73,8 @@ class Config:
     baseline_lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.02, 0.05)
 
     def validate(self) -> Config:
-        positive = ["shots", "queries", "meta_batch_size", "num_iterations", "steps_per_call", "log_every"]
-        positive += ["checkpoint_every", "eval_num_tasks", "eval_grid_points"]
+        positive = ["ways", "shots", "queries", "meta_batch_size", "num_iterations", "steps_per_call", "log_every"]
+        positive += ["checkpoint_every", "eval_num_tasks", "eval_grid_points", "eval_queries", "eval_batch_tasks"]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config.{key} must be > 0, got {getattr(self, key)}")
@@ -77,8 +92,22 @@ class Config:
             raise ConfigError(f"config.baseline_lr_grid must be finite and > 0, got {self.baseline_lr_grid}")
         if self.task_map not in ("vmap", "map"):
             raise ConfigError(f"config.task_map must be 'vmap' or 'map', got {self.task_map!r}")
-        if self.dataset not in ("sinusoid",):
-            raise ConfigError(f"config.dataset must be one of ['sinusoid'], got {self.dataset!r}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"config.dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if self.model not in ("mlp", "conv4"):
+            raise ConfigError(f"config.model must be 'mlp' or 'conv4', got {self.model!r}")
+        if self.conv_impl not in ("patches", "lax"):
+            raise ConfigError(f"config.conv_impl must be 'patches' or 'lax', got {self.conv_impl!r}")
+        if self.omniglot_split not in ("paper", "lake"):
+            raise ConfigError(f"config.omniglot_split must be 'paper' or 'lake', got {self.omniglot_split!r}")
+        per_class = DATASETS[self.dataset]
+        if per_class is not None:
+            for q_key in ("queries", "eval_queries"):
+                if self.shots + getattr(self, q_key) > per_class:
+                    raise ConfigError(
+                        f"config.shots + config.{q_key} = {self.shots} + {getattr(self, q_key)} exceeds the "
+                        f"{per_class} images per class of {self.dataset}"
+                    )
         unknown = set(self.baselines) - {"pretrained"}
         if unknown:
             raise ConfigError(f"config.baselines: unknown baseline(s) {sorted(unknown)}; known: ['pretrained']")
@@ -123,6 +152,16 @@ def apply_overrides(config: Config, overrides: dict[str, str]) -> Config:
     return dataclasses.replace(config, **changes).validate()
 
 
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a ``Config`` from ``config.json`` of a run directory. Keys added to ``Config``
+    after the run was made take their defaults; a key ``Config`` does not know is an error."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)}")
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}).validate()
+
+
 def config_search_dirs() -> list[Path]:
     """Where config names are looked up: ``./experiments/configs`` then the repository's."""
     repo = Path(__file__).resolve().parent.parent / "experiments" / "configs"
@@ -145,7 +184,11 @@ def load_config(name_or_path: str) -> Config:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"maml_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.resolve().parent))  # configs may import shared bases beside them
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} defines no get_config()")
     config = module.get_config()

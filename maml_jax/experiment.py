@@ -9,8 +9,8 @@ resumes each model from its last checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,12 @@ import optax
 from tqdm.auto import tqdm
 
 from maml_jax import rundir
-from maml_jax.config import Config
+from maml_jax.config import Config, ConfigError, config_from_dict
 from maml_jax.core import batched_meta_loss
-from maml_jax.data import sinusoid
-from maml_jax.evaluate import adaptation_curve, summarize_curve
-from maml_jax.losses import mse_loss
-from maml_jax.models import Model, mlp
+from maml_jax.evaluate import adaptation_curve
+from maml_jax.losses import cross_entropy_loss
+from maml_jax.models import Model
+from maml_jax.task_families import TaskFamily, build_model, build_task_family
 from maml_jax.train import (
     TrainState,
     init_train_state,
@@ -38,16 +38,13 @@ from maml_jax.train import (
 METHOD_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrained": "pretrained"}
 
 
-def build_model(config: Config) -> Model:
-    return mlp(config.hidden_sizes, 1, activation=config.activation, kernel_init=config.kernel_init)
-
-
 def train_model(
     config: Config,
     workdir: Path,
     label: str,
     num_inner_steps: int,
     writer: rundir.MetricsWriter,
+    family: TaskFamily,
     *,
     progress: bool = True,
 ) -> Any:
@@ -55,10 +52,9 @@ def train_model(
 
     Resumes from ``workdir/label/checkpoint.msgpack`` when present.
     """
-    model = build_model(config)
     key = jax.random.PRNGKey(config.seed)
     init_key, data_key = jax.random.split(key)
-    params = model.init(init_key, jnp.zeros((1, 1)))
+    params = family.model.init(init_key, family.example_x)
     optimizer = optax.adam(config.outer_lr)
     state = init_train_state(params, optimizer, data_key)
     ckpt = Path(workdir) / label / "checkpoint.msgpack"
@@ -71,22 +67,19 @@ def train_model(
 
     objective = functools.partial(
         batched_meta_loss,
-        task_loss_fn=mse_loss(model.apply),
+        task_loss_fn=family.task_loss_fn,
         num_inner_steps=num_inner_steps,
         inner_lr=config.inner_lr,
         first_order=config.first_order,
         task_map=config.task_map,
     )
     train_step = make_train_step(objective, optimizer)
-    sample = functools.partial(
-        sinusoid.sample_tasks, num_tasks=config.meta_batch_size, num_support=config.shots, num_query=config.queries
-    )
     chunks: dict[int, Any] = {}  # compiled scans by length (normally one)
 
     def run_chunk(state: TrainState, length: int):
         if length not in chunks:
-            chunks[length] = jax.jit(make_sampling_train_chunk(train_step, sample, length))
-        return chunks[length](state)
+            chunks[length] = jax.jit(make_sampling_train_chunk(train_step, family.sample_train, length))
+        return chunks[length](state, family.train_data)
 
     bar = tqdm(total=total, initial=start, desc=label, disable=not progress, unit="it", dynamic_ncols=True)
     pending: list[dict] = []
@@ -116,51 +109,40 @@ def train_model(
     return state.meta_params
 
 
-def make_sinusoid_eval(config: Config, model: Model):
-    """Returns ``evaluate(params, *, inner_lr, seed, num_tasks, shots)`` ->
-    ``{K: {"mse": {steps: (mean, ci95)}}}`` for each K in ``shots``, on ``num_tasks`` tasks whose
-    query set is a grid of ``config.eval_grid_points`` points over [−5, 5]. One compiled curve
-    per K; the step size is a traced argument, so a learning-rate sweep does not recompile."""
-    max_steps = max(config.eval_inner_steps)
-
-    @jax.jit
-    def curve(params, tasks, inner_lr):
-        return adaptation_curve(
-            params, tasks, mse_loss(model.apply), num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap"
-        )
-
-    def evaluate(params, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]):
-        out = {}
-        for k in shots:
-            tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(seed), num_tasks, k, config.eval_grid_points)
-            out[k] = {"mse": summarize_curve(curve(params, tasks, inner_lr), config.eval_inner_steps)["loss"]}
-        return out
-
-    return evaluate
-
-
-def tune_baseline_lr(config: Config, evaluate, params: Any) -> dict[int, float]:
+def tune_baseline_lr(config: Config, evaluate, params: Any, eval_shots: tuple[int, ...]) -> dict[int, float]:
     """Per K, the fine-tuning step size from ``config.baseline_lr_grid`` with the lowest mean
     post-update MSE (over the reported step counts > 0) on 100 validation tasks drawn from a
     seed disjoint from the test tasks (the paper's "automatically tuned step size")."""
-    scores: dict[int, list[float]] = {k: [] for k in config.eval_shots}
+    scores: dict[int, list[float]] = {k: [] for k in eval_shots}
     post = [s for s in config.eval_inner_steps if s > 0] or [0]
+    metric = "mse" if config.dataset == "sinusoid" else "accuracy"
+    sign = 1.0 if metric == "mse" else -1.0  # minimise MSE, maximise accuracy
     for lr in config.baseline_lr_grid:
-        res = evaluate(params, inner_lr=lr, seed=config.eval_seed + 1, num_tasks=100, shots=config.eval_shots)
-        for k in config.eval_shots:
-            score = float(np.mean([res[k]["mse"][s][0] for s in post]))
-            scores[k].append(score if np.isfinite(score) else np.inf)  # a diverging step size loses
+        res = evaluate(params, inner_lr=lr, seed=config.eval_seed + 1, num_tasks=100, shots=eval_shots)
+        for k in eval_shots:
+            score = float(np.mean([res[k][metric][s][0] for s in post]))
+            score = sign * score if np.isfinite(score) else np.inf  # a diverging step size loses
+            scores[k].append(score)
     return {k: config.baseline_lr_grid[int(np.argmin(v))] for k, v in scores.items()}
 
 
-def format_table(results: dict[str, Any], steps: tuple[int, ...]) -> str:
-    head = "| method | K | " + " | ".join(f"MSE after {s} step{'s' if s != 1 else ''}" for s in steps) + " |"
+def format_table(results: dict[str, Any], steps: tuple[int, ...], metric: str, ways: int | None = None) -> str:
+    """Markdown table: one row per (model, K), one column per inner-step count."""
+    name = {"mse": "MSE", "accuracy": "accuracy (%)"}.get(metric, metric)
+    scale = 100.0 if metric == "accuracy" else 1.0
+    digits = 2 if metric == "accuracy" else 3
+    head = f"| method | {'K' if ways is None else 'ways-shots'} | "
+    head += " | ".join(f"{name} after {s} step{'s' if s != 1 else ''}" for s in steps) + " |"
     lines = [head, "|" + " --- |" * (2 + len(steps))]
     for label, res in results.items():
         for k, metrics in res["by_shots"].items():
-            cells = [f"{metrics['mse'][s][0]:.3f} ± {metrics['mse'][s][1]:.3f}" for s in steps]
+            cells = [
+                f"{scale * metrics[metric][s][0]:.{digits}f} ± {scale * metrics[metric][s][1]:.{digits}f}"
+                for s in steps
+            ]
+            row = k if ways is None else f"{ways}-way {k}-shot"
             lines.append(
-                f"| {METHOD_NAMES.get(label, label)} (α={res['inner_lr'][k]:g}) | {k} | " + " | ".join(cells) + " |"
+                f"| {METHOD_NAMES.get(label, label)} (α={res['inner_lr'][k]:g}) | {row} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines)
 
@@ -171,31 +153,106 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     workdir = Path(workdir)
     rundir.write_run_metadata(workdir, config.to_dict(), config.seed)
     writer = rundir.MetricsWriter(workdir)
-    model = build_model(config)
+    family = build_task_family(config)
     main_label = "fomaml" if config.first_order else "maml"
-    trained = {main_label: train_model(config, workdir, main_label, config.num_inner_steps, writer, progress=progress)}
-    for name in config.baselines:
-        trained[name] = train_model(config, workdir, name, 0, writer, progress=progress)
+    trained = {}
+    for label, steps in [(main_label, config.num_inner_steps)] + [(name, 0) for name in config.baselines]:
+        trained[label] = train_model(config, workdir, label, steps, writer, family, progress=progress)
 
-    evaluate = make_sinusoid_eval(config, model)
+    evaluate = family.evaluate
+    # regression evaluates several support sizes; classification its own ways-shots episodes
+    eval_shots = config.eval_shots if config.dataset == "sinusoid" else (config.shots,)
     results: dict[str, Any] = {}
     for label, params in trained.items():
         if label == "pretrained":
-            lrs = tune_baseline_lr(config, evaluate, params)
+            lrs = tune_baseline_lr(config, evaluate, params, eval_shots)
         else:
-            lrs = {k: config.inner_lr for k in config.eval_shots}
+            lrs = {k: config.inner_lr for k in eval_shots}
         by_shots = {}
-        for k in config.eval_shots:
+        for k in eval_shots:
             kw = dict(inner_lr=lrs[k], seed=config.eval_seed, num_tasks=config.eval_num_tasks, shots=[k])
             by_shots.update(evaluate(params, **kw))
         results[label] = {"inner_lr": lrs, "by_shots": by_shots}
-    table = format_table(results, config.eval_inner_steps)
+    ways = None if config.dataset == "sinusoid" else config.ways
+    table = format_table(results, config.eval_inner_steps, family.metric, ways)
     rundir.write_json(
         workdir / "eval.json", {"num_tasks": config.eval_num_tasks, "seed": config.eval_seed, "results": results}
     )
     (workdir / "eval.md").write_text(table + "\n")
 
-    from maml_jax.plotting import sinusoid_figure  # matplotlib only when a figure is made
+    if config.dataset == "sinusoid":
+        from maml_jax.plotting import sinusoid_figure  # matplotlib only when a figure is made
 
-    sinusoid_figure(config, model, trained, results, workdir / "sinusoid_adaptation")
+        sinusoid_figure(config, family.model, trained, results, workdir / "sinusoid_adaptation")
     return {"results": results, "table": table, "workdir": str(workdir)}
+
+
+def load_trained(workdir: str | Path, label: str = "maml") -> tuple[Config, Model, Any, int]:
+    """``(config, model, meta_params, step)`` of a run directory: the final parameters when the
+    run finished, else those of its latest checkpoint (a partial run)."""
+    workdir = Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
+    config = config_from_dict(json.loads((workdir / "config.json").read_text()))
+    model = build_model(config)
+    example = jnp.zeros((1, 1)) if config.model == "mlp" else jnp.zeros((config.ways, *_image_shape(config)))
+    params = model.init(jax.random.PRNGKey(0), example)
+    state = init_train_state(params, optax.adam(config.outer_lr), jax.random.PRNGKey(0))
+    final, ckpt = workdir / label / "params.msgpack", workdir / label / "checkpoint.msgpack"
+    if final.exists():
+        return config, model, rundir.load_pytree(final, params), config.num_iterations
+    if ckpt.exists():
+        state = rundir.load_pytree(ckpt, state)
+        return config, model, state.meta_params, int(state.step)
+    raise FileNotFoundError(f"{workdir / label} holds neither params.msgpack nor checkpoint.msgpack")
+
+
+def _image_shape(config: Config) -> tuple[int, int, int]:
+    return (28, 28, 1) if config.dataset == "omniglot" else (84, 84, 3)
+
+
+def evaluate_run(workdir: str | Path, *, label: str = "maml", num_tasks: int | None = None) -> dict[str, Any]:
+    """Meta-test evaluation of a (possibly unfinished) run with its own config; writes
+    ``eval-step<N>.json`` / ``.md`` beside it and returns ``{"results", "table", "step"}``."""
+    workdir = Path(workdir)
+    config, _, params, step = load_trained(workdir, label)
+    family = build_task_family(config)
+    num_tasks = num_tasks or config.eval_num_tasks
+    eval_shots = config.eval_shots if config.dataset == "sinusoid" else (config.shots,)
+    by_shots = family.evaluate(
+        params, inner_lr=config.inner_lr, seed=config.eval_seed, num_tasks=num_tasks, shots=eval_shots
+    )
+    results = {label: {"inner_lr": {k: config.inner_lr for k in eval_shots}, "by_shots": by_shots}}
+    ways = None if config.dataset == "sinusoid" else config.ways
+    table = format_table(results, config.eval_inner_steps, family.metric, ways)
+    out = {"step": step, "num_tasks": num_tasks, "seed": config.eval_seed, "results": results}
+    rundir.write_json(workdir / f"eval-step{step}.json", out)
+    (workdir / f"eval-step{step}.md").write_text(table + "\n")
+    return {"results": results, "table": table, "step": step}
+
+
+def evaluate_lake_runs(workdir: str | Path, runs_path: str | Path, *, label: str = "maml") -> dict[str, Any]:
+    """Lake et al. (2015) 20-way one-shot runs: adapt on each run's 20 training images with the
+    run's inner step size for ``max(config.eval_inner_steps)`` steps, classify its 20 test
+    images. Returns per-run accuracy and the mean; needs a 20-way Omniglot model."""
+    from maml_jax.data.lake_runs import lake_runs_tasks, load_lake_runs
+
+    config, model, params, step = load_trained(workdir, label)
+    if config.dataset != "omniglot" or config.ways != 20:
+        raise ConfigError(
+            f"eval-lake-runs needs a 20-way Omniglot model; {workdir} was trained with "
+            f"dataset={config.dataset!r}, ways={config.ways}"
+        )
+    runs = load_lake_runs(runs_path)
+    steps = max(config.eval_inner_steps)
+    loss = cross_entropy_loss(model.apply)
+    curve = jax.jit(lambda p, t: adaptation_curve(p, t, loss, num_inner_steps=steps, inner_lr=config.inner_lr))
+    accuracy = np.asarray(curve(params, lake_runs_tasks(runs))["accuracy"][:, -1])
+    per_run = {r.name: float(a) for r, a in zip(runs, accuracy, strict=True)}
+    return {
+        "mean_accuracy": float(accuracy.mean()),
+        "mean_error": float(1 - accuracy.mean()),
+        "inner_steps": steps,
+        "model_step": step,
+        "runs": per_run,
+    }

@@ -8,7 +8,7 @@ same tasks as an uninterrupted one).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,17 +75,19 @@ def make_train_step(
 
 def make_sampling_train_chunk(
     train_step: Callable[[TrainState, Task], tuple[TrainState, Metrics]],
-    sample_fn: Callable[[jax.Array], Task],
+    sample_fn: Callable[[jax.Array, Any], Task],
     length: int,
-) -> Callable[[TrainState], tuple[TrainState, Metrics]]:
-    """``length`` train steps in one ``lax.scan``, tasks sampled on device from
-    ``fold_in(state.rng, state.step)``; returns metrics stacked ``[length]``. Jit it."""
+) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+    """``chunk(state, data)``: ``length`` train steps in one ``lax.scan``, the tasks of each
+    step sampled on device by ``sample_fn(fold_in(state.rng, state.step), data)``; returns
+    metrics stacked ``[length]``. ``data`` (e.g. the training images, or ``None``) is an
+    argument rather than a closure so that it is not baked into the program. Jit it."""
 
-    def body(state, _):
-        tasks = sample_fn(jax.random.fold_in(state.rng, state.step))
-        return train_step(state, tasks)
+    def chunk(state: TrainState, data: Any) -> tuple[TrainState, Metrics]:
+        def body(state, _):
+            tasks = sample_fn(jax.random.fold_in(state.rng, state.step), data)
+            return train_step(state, tasks)
 
-    def chunk(state: TrainState) -> tuple[TrainState, Metrics]:
         return jax.lax.scan(body, state, None, length=length)
 
     return chunk

@@ -84,7 +84,7 @@ def test_nonfinite_loss_stops_training_at_the_bad_step_with_params_intact():
     f = functools.partial(batched_meta_loss, task_loss_fn=LOSS, num_inner_steps=1, inner_lr=0.1)
     good = jax.tree.map(lambda a: jnp.stack([a] * 2), task())
 
-    sample = lambda key: good
+    sample = lambda key, data: good
     step_fn = make_train_step(f, optimizer)
 
     def poisoned(state, tasks):  # query targets become NaN from step 3 on
@@ -94,14 +94,14 @@ def test_nonfinite_loss_stops_training_at_the_bad_step_with_params_intact():
 
     state = init_train_state(PARAMS, optimizer, jax.random.PRNGKey(0))
     chunk = jax.jit(make_sampling_train_chunk(poisoned, sample, 5))
-    new_state, metrics = chunk(state)
+    new_state, metrics = chunk(state, None)
     assert list(np.asarray(metrics["finite"])) == [True, True, True, False, False]
     with pytest.raises(NonFiniteLossError, match="non-finite meta-loss or meta-gradient at step 3") as err:
         raise_if_nonfinite(0, metrics)
     assert err.value.step == 3
     # the parameters are those after the last good step (step 2): no NaN leaked into them
     assert all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(new_state.meta_params))
-    after_three = jax.jit(make_sampling_train_chunk(poisoned, sample, 3))(state)[0]
+    after_three = jax.jit(make_sampling_train_chunk(poisoned, sample, 3))(state, None)[0]
     for a, b in zip(jax.tree.leaves(new_state.meta_params), jax.tree.leaves(after_three.meta_params), strict=True):
         np.testing.assert_array_equal(a, b)
 

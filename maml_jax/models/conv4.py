@@ -1,0 +1,176 @@
+"""The four-block CNN of Finn et al. (2017) §5.2 ("conv4") for Omniglot and MiniImageNet.
+
+Each block is conv 3x3 → BatchNorm → ReLU (→ 2x2 max-pool on MiniImageNet), then a linear
+head on the flattened features:
+
+* ``omniglot``:      64 filters, stride 2, padding 1: ``[n, 28, 28, 1] → [n, 2, 2, 64] → [n, ways]``
+* ``miniimagenet``:  32 filters, stride 1, padding 1, max-pool 2: ``[n, 84, 84, 3] → [n, 5, 5, 32] → [n, ways]``
+
+Shapes and layer order match the common PyTorch ports (``shared/bench/torch_peers.py``):
+symmetric padding 1 (the original TF code's stride-2 ``"SAME"`` pads only bottom/right; the
+shapes are the same) and the head reads all flattened features (the TF code averages the
+Omniglot 2x2 map instead).
+
+BatchNorm keeps no running statistics: every forward normalises with the batch's own
+mean/variance (the paper's transductive choice), with a learnable scale and bias. Nothing is
+mutated, so ``apply(params, x)`` is a pure function that vmaps over per-task parameters.
+Per-step BN statistics and weights (MAML++) will come with the algorithm family as another
+``bn`` mode; ``bn="none"`` drops the normalisation.
+
+``conv_impl`` picks how a convolution is expressed; both give the same numbers:
+
+* ``"lax"``: ``lax.conv_general_dilated``. Under ``jax.vmap`` with per-task weights it becomes
+  a grouped convolution, which XLA:CPU runs slowly; the natural choice on GPU/TPU.
+* ``"patches"``: the 9 shifted (strided) views of the padded input stacked into
+  ``[n·H'·W', 9·C]`` and one matmul with the kernel ``[9·C, F]``; under ``vmap`` a batched
+  matmul, which is what XLA:CPU is fast at.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maml_jax.models.base import Model
+from maml_jax.validation import ShapeError
+
+ConvImpl = Literal["lax", "patches"]
+BNMode = Literal["transductive", "none"]
+
+CONV_IMPLS = ("lax", "patches")
+BN_MODES = ("transductive", "none")
+DATASETS = {
+    # filters, stride, max-pool
+    "omniglot": (64, 2, False),
+    "miniimagenet": (32, 1, True),
+}
+BN_EPS = 1e-5  # PyTorch's BatchNorm2d default
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, stride: int, impl: ConvImpl) -> jax.Array:
+    """3x3 convolution with padding 1: ``x [n, H, W, C]``, ``kernel [3, 3, C, F]`` (HWIO)
+    → ``[n, (H−1)//stride + 1, (W−1)//stride + 1, F]``."""
+    if impl == "lax":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    views = [
+        jax.lax.slice(
+            xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1)
+        )
+        for i in range(3)
+        for j in range(3)
+    ]
+    patches = jnp.stack(views, axis=3).reshape(n * ho * wo, 9 * c)  # column (3i + j)·C + c
+    return (patches @ kernel.reshape(9 * c, -1)).reshape(n, ho, wo, -1)
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = BN_EPS) -> jax.Array:
+    """Normalise ``x [n, H, W, F]`` per channel with its own batch statistics (biased
+    variance over ``n, H, W``), then ``· scale[F] + bias[F]``."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + eps)) + bias
+
+
+def max_pool2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, floor mode: ``[n, H, W, F] → [n, H//2, W//2, F]``.
+
+    Written as an argmax one-hot mask times the window, so the gradient goes to one element
+    per window. (``jnp.max``'s derivative finds the maximum by ``x == max(x)``, and jitted
+    float64 second-order meta-gradients through it came out wrong on XLA:CPU; pinned by
+    ``tests/test_conv4.py``. ``lax.reduce_window`` is right but slower on CPU.)
+    """
+    n, h, w, f = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, f)
+    x = x.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, f, 4)
+    mask = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(x), axis=-1), 4, dtype=x.dtype)
+    return jnp.sum(x * mask, axis=-1)
+
+
+class _Conv3x3(nn.Module):
+    filters: int
+    stride: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.xavier_uniform(), (3, 3, x.shape[-1], self.filters))
+        bias = self.param("bias", nn.initializers.zeros, (self.filters,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+        return conv3x3(x, kernel, self.stride, self.impl) + bias
+
+
+class _BatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return batch_norm(x, *nn.dtypes.promote_dtype(scale, bias, dtype=x.dtype))
+
+
+class _Conv4(nn.Module):
+    ways: int
+    filters: int
+    stride: int
+    pool: bool
+    conv_impl: str
+    bn: str
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(4):
+            x = _Conv3x3(self.filters, self.stride, self.conv_impl, name=f"conv_{i}")(x)
+            if self.bn == "transductive":
+                x = _BatchNorm(name=f"bn_{i}")(x)
+            x = nn.relu(x)
+            if self.pool:
+                x = max_pool2x2(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.ways, kernel_init=nn.initializers.xavier_uniform(), name="head")(x)
+
+
+def conv4(
+    ways: int,
+    *,
+    dataset: str = "omniglot",
+    conv_impl: ConvImpl = "patches",
+    bn: BNMode = "transductive",
+) -> Model:
+    """conv4 ``[n, H, W, C] → [n, ways]`` (NHWC); ``dataset`` picks filters/stride/pooling.
+
+    Parameters: ``conv_{i}: {kernel [3, 3, C_in, F], bias [F]}`` and ``bn_{i}: {scale [F],
+    bias [F]}`` for blocks ``i = 0..3``, ``head: {kernel [F·H'·W', ways], bias [ways]}``; the
+    same tree for every ``conv_impl``.
+    Glorot-uniform weights and zero biases (the original TF code's initialisers).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {list(BN_MODES)} (per-step BN comes with MAML++), got {bn!r}")
+    if int(ways) < 1:
+        raise ValueError(f"ways must be >= 1, got {ways!r}")
+    filters, stride, pool = DATASETS[dataset]
+    module = _Conv4(int(ways), filters, stride, pool, conv_impl, bn)
+
+    def check(x):
+        if jnp.ndim(x) != 4:
+            raise ShapeError(f"conv4 input x has shape {jnp.shape(x)}; expected [n, H, W, C] (NHWC)")
+
+    def init(key: jax.Array, example_x: jax.Array):
+        check(example_x)
+        return module.init(key, example_x)["params"]
+
+    def apply(params, x: jax.Array) -> jax.Array:
+        check(x)
+        return module.apply({"params": params}, x)
+
+    return Model(init, apply)

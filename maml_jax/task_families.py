@@ -1,0 +1,128 @@
+"""What a config's ``dataset`` means: model, task loss, training-task sampler and evaluator.
+
+A ``TaskFamily`` is everything ``experiment.train_and_evaluate`` needs that differs between
+sinusoid regression and few-shot classification; the training loop and the evaluation protocol
+are the same code for all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maml_jax.config import Config, ConfigError
+from maml_jax.data import episodes, sinusoid
+from maml_jax.evaluate import adaptation_curve, summarize_curve
+from maml_jax.losses import cross_entropy_loss, mse_loss
+from maml_jax.models import Model, conv4, mlp
+from maml_jax.types import Params, Task, TaskLossFn
+
+# evaluate(params, *, inner_lr, seed, num_tasks, shots) -> {K: {metric: {steps: (mean, ci95, median)}}}
+Evaluator = Callable[..., dict[int, dict[str, dict[int, tuple[float, float, float]]]]]
+
+
+class TaskFamily(NamedTuple):
+    model: Model
+    task_loss_fn: TaskLossFn
+    example_x: jax.Array  # one support set ``[n, *features]``, for ``model.init``
+    train_data: Any  # passed to ``sample_train`` (device arrays, or None)
+    sample_train: Callable[[jax.Array, Any], Task]  # (key, train_data) -> [meta_batch, ...] tasks
+    evaluate: Evaluator
+    metric: str  # the headline metric: "mse" (lower is better) or "accuracy"
+
+
+def build_model(config: Config) -> Model:
+    """The network a config names: the sinusoid MLP or the paper's conv4."""
+    if config.model == "mlp":
+        return mlp(config.hidden_sizes, 1, activation=config.activation, kernel_init=config.kernel_init)
+    return conv4(config.ways, dataset=config.dataset, conv_impl=config.conv_impl)
+
+
+def build_task_family(config: Config) -> TaskFamily:
+    if config.dataset == "sinusoid":
+        return _sinusoid_family(config)
+    return _classification_family(config)
+
+
+def _sinusoid_family(config: Config) -> TaskFamily:
+    model = build_model(config)
+    loss = mse_loss(model.apply)
+    max_steps = max(config.eval_inner_steps)
+
+    @jax.jit
+    def curve(params, tasks, inner_lr):
+        return adaptation_curve(params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap")
+
+    def evaluate(params: Params, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]):
+        """Query = a grid of ``config.eval_grid_points`` points over [−5, 5]; one compiled curve
+        per K, the step size traced so that a step-size sweep does not recompile."""
+        out = {}
+        for k in shots:
+            tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(seed), num_tasks, k, config.eval_grid_points)
+            out[k] = {"mse": summarize_curve(curve(params, tasks, inner_lr), config.eval_inner_steps)["loss"]}
+        return out
+
+    def sample(key, data):
+        del data
+        return sinusoid.sample_tasks(key, config.meta_batch_size, config.shots, config.queries)
+
+    return TaskFamily(model, loss, jnp.zeros((config.shots, 1)), None, sample, evaluate, "mse")
+
+
+def load_class_images(config: Config, subset: str) -> np.ndarray:
+    """``uint8 [classes, images_per_class, H, W(, C)]`` of ``subset`` ("train" or "test")."""
+    data_dir = config.data_dir or None
+    if config.dataset == "omniglot":
+        from maml_jax.data import omniglot
+
+        images, _ = omniglot.load_split_arrays(
+            subset, config.omniglot_split, data_dir, rotations=config.rotations and subset == "train"
+        )
+        return images
+    from maml_jax.data import miniimagenet
+
+    return miniimagenet.load_miniimagenet(subset, data_dir, check_counts=config.check_dataset_counts).images
+
+
+def _classification_family(config: Config) -> TaskFamily:
+    train_images = load_class_images(config, "train")
+    if config.ways > train_images.shape[0]:
+        raise ConfigError(f"config.ways = {config.ways} exceeds the {train_images.shape[0]} training classes")
+    model = build_model(config)
+    loss = cross_entropy_loss(model.apply)
+    example = episodes.sample_task(jax.random.PRNGKey(0), train_images[: config.ways], config.ways, config.shots, 1)
+
+    def sample(key, images):
+        return episodes.sample_episodes(key, images, config.meta_batch_size, config.ways, config.shots, config.queries)
+
+    test_images: list[jax.Array] = []  # loaded on first evaluation
+
+    max_steps = max(config.eval_inner_steps)
+    chunk = config.eval_batch_tasks
+
+    @functools.partial(jax.jit, static_argnames=("first_task",))
+    def curve(params, images, key, inner_lr, first_task):
+        tasks = episodes.sample_episodes(
+            key, images, chunk, config.ways, config.shots, config.eval_queries, first_task=first_task
+        )
+        return adaptation_curve(
+            params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map=config.task_map
+        )
+
+    def evaluate(params: Params, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]):
+        """``num_tasks`` meta-test episodes from the test classes, task i drawn from
+        ``fold_in(PRNGKey(seed), i)``; accuracy (and loss) after each inner step."""
+        if not test_images:
+            test_images.append(jax.device_put(load_class_images(config, "test")))
+        images = test_images[0]
+        key = jax.random.PRNGKey(seed)
+        parts = [curve(params, images, key, inner_lr, start) for start in range(0, num_tasks, chunk)]
+        curves = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:num_tasks], *parts)
+        return {config.shots: summarize_curve(curves, config.eval_inner_steps)}
+
+    return TaskFamily(model, loss, example.support.x, jax.device_put(train_images), sample, evaluate, "accuracy")

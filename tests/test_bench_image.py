@@ -1,0 +1,77 @@
+"""The conv4 benchmark workloads: shapes equal the PyTorch peers', and the command runs."""
+
+import ast
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from maml_jax import bench
+
+PEERS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_peers.py"
+
+
+def run_bench(*args, timeout=600):
+    cmd = [sys.executable, "-m", "maml_jax.bench", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout).stdout
+    return [json.loads(line) for line in out.strip().splitlines()]
+
+
+@pytest.mark.skipif(not PEERS.exists(), reason="shared/bench/torch_peers.py not checked out beside the repo")
+def test_workloads_have_exactly_the_torch_peers_shapes():
+    tree = ast.parse(PEERS.read_text())
+    assign = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "WORKLOADS")
+    # read, not imported (that needs torch): a literal of dict(...) calls
+    peers = eval(compile(ast.Expression(assign.value), str(PEERS), "eval"), {"__builtins__": {}, "dict": dict})
+    ours = {k: {f: v for f, v in w.items() if f != "kind"} for k, w in bench.WORKLOADS.items()}
+    assert ours == {k: {f: v for f, v in w.items() if f != "kind"} for k, w in peers.items()}
+    assert {k: w["kind"] for k, w in bench.WORKLOADS.items() if k != "sinusoid"} == {
+        "omniglot-5w1s": "omniglot",
+        "omniglot-20w1s": "omniglot",
+        "miniimagenet-5w1s": "miniimagenet",
+    }
+
+
+def test_image_tasks_shapes_and_labels():
+    w = bench.WORKLOADS["omniglot-20w1s"]
+    tasks = jax.jit(functools.partial(bench._image_tasks, w=w))(jax.random.PRNGKey(0))
+    assert tasks.support.x.shape == (16, 20, 28, 28, 1) and tasks.query.x.shape == (16, 100, 28, 28, 1)
+    assert tasks.support.y.shape == (16, 20) and tasks.query.y.shape == (16, 100)
+    assert tasks.query.y[3].tolist() == [c for c in range(20) for _ in range(5)]
+
+
+def test_omniglot_bench_prints_one_json_line():
+    """Two tasks instead of 32 (``--tasks`` is for tests; not the benchmark shape)."""
+    (result,) = run_bench("--workload", "omniglot-5w1s", "--iters", "1", "--warmup", "0", "--tasks", "2")
+    assert result["workload"] == "omniglot-5w1s" and result["it_per_s"] > 0 and result["compile_s"] > 0
+    assert result["tasks"] == 2 and result["iters"] == 1
+    assert result["conv_impl"] == bench.CONV_IMPLS[0] and result["task_map"] == bench.TASK_MAPS[0]
+
+
+@pytest.mark.slow
+def test_omniglot_bench_at_the_benchmark_shape_with_each_choice():
+    for conv_impl in ("patches", "lax"):
+        (result,) = run_bench(
+            "--workload",
+            "omniglot-5w1s",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--conv-impl",
+            conv_impl,
+            "--task-map",
+            "map",
+        )
+        assert result["tasks"] == 32 and result["conv_impl"] == conv_impl and result["it_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_all_workloads_run():
+    results = run_bench("--workload", "all", "--iters", "1", "--warmup", "0", "--tasks", "2", timeout=1200)
+    assert [r["workload"] for r in results] == sorted(bench.WORKLOADS)
+    assert all(r["it_per_s"] > 0 for r in results)

@@ -1,0 +1,113 @@
+"""A tiny variant of every Table 1 config trains and evaluates end to end; eval and
+eval-lake-runs on a run directory. Omniglot is the real data set from ../shared; MiniImageNet
+a pickle fixture in its on-disk format."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maml_jax.cli import main
+from maml_jax.config import list_configs
+from maml_jax.data import miniimagenet
+from maml_jax.data.lake_runs import write_lake_runs_fixture
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+# The default suite runs the tiny 5-way 1-shot variants of both data sets; the other rows'
+# tiny variants (same code path, other shapes; ~30-100 s each on 2 cores) are marked slow.
+FAST = {"omniglot_5w1s", "miniimagenet_5w1s"}
+TABLE1 = [
+    c if c in FAST else pytest.param(c, marks=pytest.mark.slow)
+    for c in list_configs()
+    if c.startswith(("omniglot", "miniimagenet"))
+]
+
+
+def tiny(ways_override=None):
+    args = [
+        "--config.num_iterations=2",
+        "--config.steps_per_call=1",
+        "--config.log_every=1",
+        "--config.checkpoint_every=1",
+        "--config.meta_batch_size=2",
+        "--config.queries=1",
+        "--config.eval_queries=1",
+        "--config.eval_num_tasks=3",
+        "--config.eval_batch_tasks=2",
+        "--config.eval_inner_steps=0,1",
+        "--no-progress",
+    ]
+    return args + ([f"--config.ways={ways_override}"] if ways_override else [])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """MAML_JAX_DATA-style root: omniglot cache dir + a MiniImageNet pickle fixture."""
+    root = tmp_path_factory.mktemp("data")
+    mini = root / "miniimagenet"
+    mini.mkdir()
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", 6), ("val", 5), ("test", 5)):
+        data = rng.integers(0, 256, (classes * 7, 84, 84, 3), dtype=np.uint8)
+        class_dict = {f"n{split}{c:02d}": list(range(c * 7, (c + 1) * 7)) for c in range(classes)}
+        with open(miniimagenet.pickle_path(mini, split), "wb") as f:
+            pickle.dump({"image_data": data, "class_dict": class_dict}, f)
+    return root
+
+
+def config_args(name, data_root):
+    if name.startswith("omniglot"):
+        if not OMNIGLOT.is_dir():
+            pytest.skip(f"Omniglot not found at {OMNIGLOT}")
+        return [f"--config.data_dir={OMNIGLOT}"]
+    return [f"--config.data_dir={data_root / 'miniimagenet'}", "--config.check_dataset_counts=false"]
+
+
+@pytest.mark.parametrize("name", TABLE1)
+def test_tiny_variant_of_each_table1_config(name, data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MAML_JAX_DATA", str(data_root))
+    workdir = tmp_path / name
+    # 20-way configs shrink to 5 ways to keep the test fast; everything else is the config's
+    ways = 5 if "_20w" in name else None
+    assert main(["train", name, "--workdir", str(workdir), *config_args(name, data_root), *tiny(ways)]) == 0
+    results = json.loads((workdir / "eval.json").read_text())["results"]
+    label = "fomaml" if name.endswith("fomaml") else "maml"
+    accuracy = results[label]["by_shots"][str(json.loads((workdir / "config.json").read_text())["shots"])]["accuracy"]
+    assert set(accuracy) == {"0", "1"} and all(0.0 <= v[0] <= 1.0 for v in accuracy.values())
+    assert "accuracy (%) after 1 step" in capsys.readouterr().out
+
+
+def test_eval_and_lake_runs_on_a_20_way_omniglot_run(data_root, tmp_path, monkeypatch, capsys):
+    if not OMNIGLOT.is_dir():
+        pytest.skip(f"Omniglot not found at {OMNIGLOT}")
+    monkeypatch.setenv("MAML_JAX_DATA", str(data_root))
+    workdir = tmp_path / "run"
+    args = ["train", "omniglot_20w1s", "--workdir", str(workdir), f"--config.data_dir={OMNIGLOT}", *tiny()]
+    assert main(args + ["--config.num_inner_steps=1", "--config.meta_batch_size=1"]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", "--run-dir", str(workdir), "--num-tasks", "2"]) == 0
+    assert "model at step 2" in capsys.readouterr().out
+    assert (workdir / "eval-step2.json").exists()
+
+    runs = write_lake_runs_fixture(tmp_path / "lake", num_runs=20)
+    assert main(["eval-lake-runs", "--run-dir", str(workdir), "--runs", str(runs)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1
+    out = json.loads(line[0])
+    assert len(out["runs"]) == 20 and 0.0 <= out["mean_accuracy"] <= 1.0
+    assert out["mean_accuracy"] == pytest.approx(np.mean(list(out["runs"].values())))
+
+
+def test_eval_lake_runs_refuses_a_5_way_model_and_missing_runs(data_root, tmp_path, monkeypatch, capsys):
+    if not OMNIGLOT.is_dir():
+        pytest.skip(f"Omniglot not found at {OMNIGLOT}")
+    monkeypatch.setenv("MAML_JAX_DATA", str(data_root))
+    workdir = tmp_path / "run5"
+    assert main(["train", "omniglot_5w1s", "--workdir", str(workdir), f"--config.data_dir={OMNIGLOT}", *tiny()]) == 0
+    assert main(["eval-lake-runs", "--run-dir", str(workdir), "--runs", str(tmp_path)]) == 2
+    assert "needs a 20-way Omniglot model" in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(tmp_path / "nothing")]) == 4
+    assert "not a run directory" in capsys.readouterr().err
