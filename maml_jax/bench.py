@@ -7,9 +7,12 @@ jitted train step, parameters and optimizer state carried from call to call.
 
 Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot-5w1s``,
 ``omniglot-20w1s``, ``miniimagenet-5w1s`` (cross-entropy). ``--conv-impl`` and ``--task-map``
-default to the fastest choice measured on a 2-core CPU (``patches`` and ``map``); on GPU/TPU
-measure ``lax``/``vmap`` too. ``--tasks`` overrides the task count (for smoke tests only: the
-result is then not the benchmark shape).
+default to the fastest choice measured on a 2-core CPU (``DEFAULT_TASK_MAP``): ``patches``
+everywhere (``lax`` was 8-20x slower in every combination), ``map`` for omniglot-5w1s and
+``vmap`` for the others (differences of 5-50%, on a noisy machine). On GPU/TPU measure
+``lax``/``vmap`` too. ``--tasks`` overrides the task count (for smoke tests only: the result is
+then not the benchmark shape). ``flops_per_step`` is XLA's count for the vmapped step,
+whichever ``--task-map`` is timed.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ WORKLOADS = {
     "miniimagenet-5w1s": dict(kind="miniimagenet", tasks=4, ways=5, shots=1, query=15, steps=5, alpha=0.01),
 }
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
-CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU, see README)
-TASK_MAPS = ("map", "vmap")  # first = default for conv workloads; the MLP uses vmap
+CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
+DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "vmap", "miniimagenet-5w1s": "vmap"}
+DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 
 
 def _image_tasks(key: jax.Array, w: dict) -> Task:
@@ -59,7 +63,8 @@ def _image_tasks(key: jax.Array, w: dict) -> Task:
 
 
 def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None):
-    """``(jitted train step, train state, task batch)`` for workload ``name``."""
+    """``(jitted train step, train state, task batch, make_step)`` for workload ``name``;
+    ``make_step(task_map)`` builds the same step with another task mapping."""
     w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
     key = jax.random.PRNGKey(0)
     k_init, kxs, kxq, kys, kyq = jax.random.split(key, 5)
@@ -77,18 +82,22 @@ def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: i
         tasks = jax.jit(functools.partial(_image_tasks, w=w))(kxs)
         xs = tasks.support.x
         loss_fn = cross_entropy_loss(model.apply)
-    objective = functools.partial(
-        batched_meta_loss, task_loss_fn=loss_fn, num_inner_steps=w["steps"], inner_lr=w["alpha"], task_map=task_map
-    )
     optimizer = optax.adam(1e-3)
     example_x = xs[0]
     state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, key))(k_init)
-    step = jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
-    return step, state, tasks
+
+    def make_step(task_map: str):
+        objective = functools.partial(
+            batched_meta_loss, task_loss_fn=loss_fn, num_inner_steps=w["steps"], inner_lr=w["alpha"], task_map=task_map
+        )
+        return jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
+
+    return make_step(task_map), state, tasks, make_step
 
 
-def default_task_map(name: str) -> str:
-    return "vmap" if WORKLOADS[name]["kind"] == "mlp" else TASK_MAPS[0]
+def _flops(analysis) -> float:
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
 def measure(
@@ -103,14 +112,14 @@ def measure(
     """Compile, warm up, then time ``iters`` steps split into ``min(windows, iters)`` equal
     windows; ``it_per_s`` is the median window rate (robust to a noisy neighbour on a shared
     CPU). ``task_map=None`` takes the workload's default."""
-    task_map = task_map or default_task_map(name)
-    step, state, tasks = build(name, task_map, conv_impl, num_tasks)
+    task_map = task_map or DEFAULT_TASK_MAP[name]
+    step, state, tasks, make_step = build(name, task_map, conv_impl, num_tasks)
     t0 = time.perf_counter()
-    compiled = step.lower(state, tasks).compile()
+    lowered = step.lower(state, tasks)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    # XLA's count on the vmapped program before optimisation (it counts a lax.map body once)
+    flops = _flops((lowered if task_map == "vmap" else make_step("vmap").lower(state, tasks)).cost_analysis())
     for _ in range(warmup):
         state, metrics = compiled(state, tasks)
     jax.block_until_ready(state)
@@ -142,21 +151,23 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m maml_jax.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="sinusoid", choices=sorted(WORKLOADS) + ["all"])
-    ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=None, help="default: 2000 sinusoid, 20 omniglot, 10 miniimagenet")
+    ap.add_argument("--warmup", type=int, default=None, help="default: 50 sinusoid, 3 omniglot, 2 miniimagenet")
     ap.add_argument(
-        "--task-map", default=None, choices=["vmap", "map"], help="default: vmap for sinusoid, map for conv4 workloads"
+        "--task-map", default=None, choices=["vmap", "map"], help="default: the workload's (DEFAULT_TASK_MAP)"
     )
     ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
     ap.add_argument("--tasks", type=int, default=None, help="override the task count (tests only; not the bench shape)")
     a = ap.parse_args(argv)
-    if a.iters <= 0 or a.warmup < 0:
+    if (a.iters is not None and a.iters <= 0) or (a.warmup is not None and a.warmup < 0):
         ap.error("--iters must be > 0 and --warmup >= 0")
     if a.tasks is not None and a.tasks <= 0:
         ap.error("--tasks must be > 0")
     names = sorted(WORKLOADS) if a.workload == "all" else [a.workload]
     for name in names:
-        result = measure(name, a.iters, a.warmup, a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks)
+        iters, warmup = DEFAULT_ITERS[WORKLOADS[name]["kind"]]
+        iters, warmup = a.iters or iters, warmup if a.warmup is None else a.warmup
+        result = measure(name, iters, warmup, a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks)
         print(json.dumps(result), flush=True)
     return 0
 

@@ -3,6 +3,7 @@
 import ast
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +16,25 @@ from maml_jax import bench
 PEERS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_peers.py"
 
 
-def run_bench(*args, timeout=600):
+def run_bench(*args, timeout=600, fast_compile=False):
+    """``fast_compile``: skip LLVM optimisation (a smoke test checks the command, not speed)."""
     cmd = [sys.executable, "-m", "maml_jax.bench", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout).stdout
+    env = dict(os.environ)
+    if fast_compile:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout, env=env).stdout
     return [json.loads(line) for line in out.strip().splitlines()]
 
 
 @pytest.mark.skipif(not PEERS.exists(), reason="shared/bench/torch_peers.py not checked out beside the repo")
 def test_workloads_have_exactly_the_torch_peers_shapes():
     tree = ast.parse(PEERS.read_text())
-    assign = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "WORKLOADS")
+    assign = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "WORKLOADS")
     # read, not imported (that needs torch): a literal of dict(...) calls
     peers = eval(compile(ast.Expression(assign.value), str(PEERS), "eval"), {"__builtins__": {}, "dict": dict})
     ours = {k: {f: v for f, v in w.items() if f != "kind"} for k, w in bench.WORKLOADS.items()}
     assert ours == {k: {f: v for f, v in w.items() if f != "kind"} for k, w in peers.items()}
+    assert set(bench.DEFAULT_TASK_MAP) == set(bench.WORKLOADS)
     assert {k: w["kind"] for k, w in bench.WORKLOADS.items() if k != "sinusoid"} == {
         "omniglot-5w1s": "omniglot",
         "omniglot-20w1s": "omniglot",
@@ -46,10 +52,12 @@ def test_image_tasks_shapes_and_labels():
 
 def test_omniglot_bench_prints_one_json_line():
     """Two tasks instead of 32 (``--tasks`` is for tests; not the benchmark shape)."""
-    (result,) = run_bench("--workload", "omniglot-5w1s", "--iters", "1", "--warmup", "0", "--tasks", "2")
+    (result,) = run_bench(
+        "--workload", "omniglot-5w1s", "--iters", "1", "--warmup", "0", "--tasks", "2", fast_compile=True
+    )
     assert result["workload"] == "omniglot-5w1s" and result["it_per_s"] > 0 and result["compile_s"] > 0
     assert result["tasks"] == 2 and result["iters"] == 1
-    assert result["conv_impl"] == bench.CONV_IMPLS[0] and result["task_map"] == bench.TASK_MAPS[0]
+    assert result["conv_impl"] == bench.CONV_IMPLS[0] and result["task_map"] == bench.DEFAULT_TASK_MAP["omniglot-5w1s"]
 
 
 @pytest.mark.slow
@@ -72,6 +80,8 @@ def test_omniglot_bench_at_the_benchmark_shape_with_each_choice():
 
 @pytest.mark.slow
 def test_all_workloads_run():
-    results = run_bench("--workload", "all", "--iters", "1", "--warmup", "0", "--tasks", "2", timeout=1200)
+    results = run_bench(
+        "--workload", "all", "--iters", "1", "--warmup", "0", "--tasks", "2", timeout=1200, fast_compile=True
+    )
     assert [r["workload"] for r in results] == sorted(bench.WORKLOADS)
     assert all(r["it_per_s"] > 0 for r in results)

@@ -20,10 +20,6 @@ IMAGE = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 SMALL = {"omniglot": (28, 28, 1), "miniimagenet": (22, 22, 3)}
 
 
-def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
-
-
 def init64(model, seed, x):
     """float64 parameters (kernels ~ N(0, 1/fan_in), BN scales ~ 1 + N(0, 0.1²), biases
     ~ N(0, 0.1²)) built in numpy from the init's shapes: no compilation, and a generic point
