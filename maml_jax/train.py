@@ -48,15 +48,26 @@ def make_train_step(
     """``train_step(state, tasks) -> (state, metrics)``: value_and_grad + optax update.
 
     ``loss_fn(meta_params, tasks) -> (loss, metrics)`` is typically ``batched_meta_loss`` with
-    its keyword arguments bound. A step whose loss or gradient is not finite leaves the
-    parameters and optimizer state unchanged and reports ``metrics["finite"] = False``; the
-    training loop turns that into ``NonFiniteLossError``. Not jitted here: wrap it in
-    ``jax.jit`` (or a ``lax.scan``) yourself.
-    """
+    its keyword arguments bound. See ``make_train_step_from_grads`` for the rest."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return make_train_step_from_grads(lambda params, tasks, step: grad_fn(params, tasks), optimizer)
+
+
+def make_train_step_from_grads(
+    meta_grad_fn: Callable[[Params, Task, jax.Array], tuple[tuple[jax.Array, Metrics], Params]],
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Task], tuple[TrainState, Metrics]]:
+    """``train_step(state, tasks) -> (state, metrics)`` from a meta-gradient estimator
+    ``meta_grad_fn(meta_params, tasks, step) -> ((loss, metrics), grads)`` (e.g.
+    ``algorithms.batched_meta_grad`` with the algorithm bound), followed by an optax update.
+
+    A step whose loss or gradient is not finite leaves the parameters and optimizer state
+    unchanged and reports ``metrics["finite"] = False``; the training loop turns that into
+    ``NonFiniteLossError``. Not jitted here: wrap it in ``jax.jit`` (or a ``lax.scan``).
+    """
 
     def train_step(state: TrainState, tasks: Task) -> tuple[TrainState, Metrics]:
-        (loss, metrics), grads = grad_fn(state.meta_params, tasks)
+        (loss, metrics), grads = meta_grad_fn(state.meta_params, tasks, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
         params = optax.apply_updates(state.meta_params, updates)
         grad_norm = optax.tree.norm(grads)

@@ -1,0 +1,60 @@
+"""The one interface every algorithm of the family implements.
+
+An algorithm is three pure functions over ``meta_params`` (a pytree: the model's parameters
+plus whatever the algorithm meta-learns beside them, e.g. Meta-SGD's step sizes):
+
+* ``init(model_params) -> meta_params``;
+* ``meta_grad(meta_params, task, step) -> ((loss, metrics), grads)``: one task's meta-loss
+  and the meta-gradient *estimate* with the structure of ``meta_params`` (exact backprop for
+  MAML, ``stop_gradient`` for FOMAML, ``meta_params − adapted`` for Reptile, an implicit
+  gradient for iMAML, ...). ``step`` is the outer iteration (traced int32 scalar) for
+  schedules such as MAML++'s annealing; most algorithms ignore it;
+* ``evaluate(meta_params, task, num_inner_steps) -> metrics``: one task's query metrics after
+  adapting with ``num_inner_steps`` steps at meta-test (``num_inner_steps`` is static).
+  Metrics follow ``core.meta_loss``: ``query_loss`` and the task loss's aux as ``query_<name>``.
+
+``batched_meta_grad`` averages ``meta_grad`` over a task batch, and
+``train.make_train_step_from_grads`` turns it into an optax train step, so that every
+algorithm trains with the same outer loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from maml_jax.core import TaskMap, map_tasks
+from maml_jax.types import Metrics, Params, Task
+from maml_jax.validation import check_task
+
+MetaGradFn = Callable[[Params, Task, jax.Array], tuple[tuple[jax.Array, Metrics], Params]]
+EvaluateFn = Callable[[Params, Task, int], Metrics]
+
+
+class Algorithm(NamedTuple):
+    name: str
+    init: Callable[[Params], Params]
+    meta_grad: MetaGradFn
+    evaluate: EvaluateFn
+
+
+def batched_meta_grad(
+    algorithm: Algorithm, meta_params: Params, tasks: Task, step: jax.Array, task_map: TaskMap = "vmap"
+) -> tuple[tuple[jax.Array, Metrics], Params]:
+    """Task means of ``algorithm.meta_grad`` over ``tasks`` ``[tasks, n, *features]``:
+    ``((mean loss, mean metrics), mean grads)``."""
+    check_task(tasks, task_axis=True)
+    (losses, metrics), grads = map_tasks(lambda t: algorithm.meta_grad(meta_params, t, step), tasks, task_map)
+    mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)  # noqa: E731
+    return (jnp.mean(losses), mean(metrics)), mean(grads)
+
+
+def batched_evaluate(
+    algorithm: Algorithm, meta_params: Params, tasks: Task, num_inner_steps: int, task_map: TaskMap = "vmap"
+) -> Metrics:
+    """``algorithm.evaluate`` on every task of a batch; metrics stacked ``[tasks]``."""
+    check_task(tasks, task_axis=True)
+    return map_tasks(lambda t: algorithm.evaluate(meta_params, t, num_inner_steps), tasks, task_map)

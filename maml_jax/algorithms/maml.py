@@ -1,0 +1,40 @@
+"""MAML (Finn et al. 2017, Algorithm 1/2) and FOMAML (its §5.2 first-order approximation) as
+``Algorithm``s: SGD inner update, meta-gradient by backprop through the inner ``lax.scan``
+(``first_order=True``: the inner gradients are treated as constants)."""
+
+from __future__ import annotations
+
+import jax
+
+from maml_jax.algorithms.base import Algorithm
+from maml_jax.core import meta_loss
+from maml_jax.types import TaskLossFn
+from maml_jax.validation import check_learning_rate, check_num_steps
+
+
+def maml(task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float, first_order: bool = False) -> Algorithm:
+    """``meta_params`` are the model's parameters; the meta-gradient is ∇_θ L_query(θ')."""
+    check_num_steps(num_inner_steps)
+    check_learning_rate(inner_lr, "inner_lr")
+
+    def meta_grad(meta_params, task, step):
+        del step
+        return jax.value_and_grad(meta_loss, has_aux=True)(
+            meta_params,
+            task,
+            task_loss_fn,
+            num_inner_steps=num_inner_steps,
+            inner_lr=inner_lr,
+            first_order=first_order,
+        )
+
+    def evaluate(meta_params, task, num_steps):
+        _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_lr=inner_lr)
+        return metrics
+
+    return Algorithm("fomaml" if first_order else "maml", lambda params: params, meta_grad, evaluate)
+
+
+def fomaml(task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float) -> Algorithm:
+    """First-order MAML: ``maml(..., first_order=True)``."""
+    return maml(task_loss_fn, num_inner_steps=num_inner_steps, inner_lr=inner_lr, first_order=True)

@@ -1,0 +1,50 @@
+"""The ``Algorithm`` interface: MAML through it equals the core's batched meta-loss gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from maml_jax import Task, batched_meta_loss, init_train_state, mlp, mse_loss
+from maml_jax.algorithms import batched_evaluate, batched_meta_grad, fomaml, maml
+from maml_jax.data import sinusoid
+from maml_jax.train import make_train_step, make_train_step_from_grads
+
+
+def setup():
+    model = mlp((8, 8), 1)
+    tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(1), 4, 5, 7)
+    params = model.init(jax.random.PRNGKey(0), tasks.support.x[0])
+    return mse_loss(model.apply), params, tasks
+
+
+def test_batched_meta_grad_equals_grad_of_batched_meta_loss():
+    loss, params, tasks = setup()
+    for first_order in (False, True):
+        alg = maml(loss, num_inner_steps=2, inner_lr=0.05, first_order=first_order)
+        (value, metrics), grads = batched_meta_grad(alg, alg.init(params), tasks, jnp.int32(0))
+        (ref_value, ref_metrics), ref_grads = jax.value_and_grad(batched_meta_loss, has_aux=True)(
+            params, tasks, loss, num_inner_steps=2, inner_lr=0.05, first_order=first_order
+        )
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        np.testing.assert_allclose(metrics["query_loss"], ref_metrics["query_loss"], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+    assert fomaml(loss, num_inner_steps=1, inner_lr=0.1).name == "fomaml"
+
+
+def test_train_step_from_grads_matches_make_train_step_and_evaluate_adapts():
+    loss, params, tasks = setup()
+    alg = maml(loss, num_inner_steps=1, inner_lr=0.05)
+    opt = optax.adam(1e-2)
+    state = init_train_state(params, opt, jax.random.PRNGKey(0))
+    step_a = jax.jit(make_train_step_from_grads(lambda p, t, s: batched_meta_grad(alg, p, t, s), opt))
+    step_b = jax.jit(make_train_step(lambda p, t: batched_meta_loss(p, t, loss, num_inner_steps=1, inner_lr=0.05), opt))
+    (sa, ma), (sb, mb) = step_a(state, tasks), step_b(state, tasks)
+    np.testing.assert_allclose(ma["meta_loss"], mb["meta_loss"], rtol=1e-6)
+    assert int(sa.step) == 1 and bool(ma["finite"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), sa.meta_params, sb.meta_params)
+    small = maml(loss, num_inner_steps=1, inner_lr=0.005)
+    fit = Task(tasks.support, tasks.support)  # adaptation with a small step lowers the loss it descends
+    before = batched_evaluate(small, params, fit, 0)["query_loss"]
+    after = batched_evaluate(small, params, fit, 5)["query_loss"]
+    assert before.shape == (4,) and float(after.mean()) < float(before.mean())
