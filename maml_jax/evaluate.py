@@ -60,13 +60,29 @@ def adaptation_curve(
     return map_tasks(one, tasks, task_map)
 
 
+def algorithm_curve(
+    algorithm, meta_params: Params, tasks: Task, steps: Sequence[int], task_map: TaskMap = "vmap"
+) -> dict[str, jax.Array]:
+    """Query metrics of any ``algorithms.Algorithm`` after each step count in ``steps``:
+    ``{name: [tasks, len(steps)]}`` (column i after ``steps[i]`` steps; ``query_`` prefixes
+    dropped, so the names match ``adaptation_curve``). Each count adapts from scratch with
+    ``algorithm.evaluate``, which is what makes it algorithm-agnostic."""
+    from maml_jax.algorithms.base import batched_evaluate  # algorithms import core; avoid a cycle
+
+    columns = [batched_evaluate(algorithm, meta_params, tasks, int(k), task_map) for k in steps]
+    names = [n for n in columns[0] if n.startswith("query_")]
+    return {n.removeprefix("query_"): jnp.stack([c[n] for c in columns], axis=1) for n in names}
+
+
 def summarize_curve(
-    curve: dict[str, jax.Array], steps: Sequence[int]
+    curve: dict[str, jax.Array], steps: Sequence[int], columns: Sequence[int] | None = None
 ) -> dict[str, dict[int, tuple[float, float, float]]]:
     """``{metric: {k: (mean, ci95, median)}}`` for each requested step count ``k``. The median
-    shows when a mean is carried by a few tasks whose adaptation diverged."""
+    shows when a mean is carried by a few tasks whose adaptation diverged. ``columns[i]`` is
+    the step count of curve column ``i`` (default: column k holds step count k)."""
     curve = jax.device_get(curve)
+    index = {int(k): i for i, k in enumerate(columns)} if columns is not None else {int(k): int(k) for k in steps}
     return {
-        name: {int(k): (*mean_ci95(values[:, k]), float(np.median(values[:, k]))) for k in steps}
+        name: {int(k): (*mean_ci95(values[:, index[k]]), float(np.median(values[:, index[k]]))) for k in steps}
         for name, values in curve.items()
     }

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maml_jax.algorithms.base import Algorithm
 from maml_jax.config import Config, ConfigError
 from maml_jax.data import episodes, sinusoid
-from maml_jax.evaluate import adaptation_curve, summarize_curve
+from maml_jax.evaluate import adaptation_curve, algorithm_curve, summarize_curve
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import Model, conv4, mlp
 from maml_jax.types import Params, Task, TaskLossFn
@@ -54,17 +55,30 @@ def _sinusoid_family(config: Config) -> TaskFamily:
     loss = mse_loss(model.apply)
     max_steps = max(config.eval_inner_steps)
 
-    @jax.jit
-    def curve(params, tasks, inner_lr):
+    @functools.partial(jax.jit, static_argnames=("algorithm",))
+    def curve(params, tasks, inner_lr, algorithm=None):
+        if algorithm is not None:
+            return algorithm_curve(algorithm, params, tasks, config.eval_inner_steps, "vmap")
         return adaptation_curve(params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap")
 
-    def evaluate(params: Params, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]):
+    def evaluate(
+        params: Params,
+        *,
+        inner_lr: float,
+        seed: int,
+        num_tasks: int,
+        shots: Sequence[int],
+        algorithm: Algorithm | None = None,
+    ):
         """Query = a grid of ``config.eval_grid_points`` points over [−5, 5]; one compiled curve
-        per K, the step size traced so that a step-size sweep does not recompile."""
+        per K, the step size traced so that a step-size sweep does not recompile. With
+        ``algorithm``, its own adaptation (``Algorithm.evaluate``) replaces SGD with ``inner_lr``."""
         out = {}
+        columns = None if algorithm is None else config.eval_inner_steps
         for k in shots:
             tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(seed), num_tasks, k, config.eval_grid_points)
-            out[k] = {"mse": summarize_curve(curve(params, tasks, inner_lr), config.eval_inner_steps)["loss"]}
+            curves = curve(params, tasks, inner_lr, algorithm)
+            out[k] = {"mse": summarize_curve(curves, config.eval_inner_steps, columns)["loss"]}
         return out
 
     def sample(key, data):
@@ -105,24 +119,36 @@ def _classification_family(config: Config) -> TaskFamily:
     max_steps = max(config.eval_inner_steps)
     chunk = config.eval_batch_tasks
 
-    @functools.partial(jax.jit, static_argnames=("first_task",))
-    def curve(params, images, key, inner_lr, first_task):
+    @functools.partial(jax.jit, static_argnames=("first_task", "algorithm"))
+    def curve(params, images, key, inner_lr, first_task, algorithm=None):
         tasks = episodes.sample_episodes(
             key, images, chunk, config.ways, config.shots, config.eval_queries, first_task=first_task
         )
+        if algorithm is not None:
+            return algorithm_curve(algorithm, params, tasks, config.eval_inner_steps, config.task_map)
         return adaptation_curve(
             params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map=config.task_map
         )
 
-    def evaluate(params: Params, *, inner_lr: float, seed: int, num_tasks: int, shots: Sequence[int]):
+    def evaluate(
+        params: Params,
+        *,
+        inner_lr: float,
+        seed: int,
+        num_tasks: int,
+        shots: Sequence[int],
+        algorithm: Algorithm | None = None,
+    ):
         """``num_tasks`` meta-test episodes from the test classes, task i drawn from
-        ``fold_in(PRNGKey(seed), i)``; accuracy (and loss) after each inner step."""
+        ``fold_in(PRNGKey(seed), i)``; accuracy (and loss) after each inner step. With
+        ``algorithm``, its own adaptation (``Algorithm.evaluate``) replaces SGD with ``inner_lr``."""
         if not test_images:
             test_images.append(jax.device_put(load_class_images(config, "test")))
         images = test_images[0]
         key = jax.random.PRNGKey(seed)
-        parts = [curve(params, images, key, inner_lr, start) for start in range(0, num_tasks, chunk)]
+        parts = [curve(params, images, key, inner_lr, start, algorithm) for start in range(0, num_tasks, chunk)]
         curves = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:num_tasks], *parts)
-        return {config.shots: summarize_curve(curves, config.eval_inner_steps)}
+        columns = None if algorithm is None else config.eval_inner_steps
+        return {config.shots: summarize_curve(curves, config.eval_inner_steps, columns)}
 
     return TaskFamily(model, loss, example.support.x, jax.device_put(train_images), sample, evaluate, "accuracy")
