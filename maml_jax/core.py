@@ -36,6 +36,9 @@ def inner_adapt(
     inner_update_fn: InnerUpdateFn | None = None,
     first_order: bool = False,
     step_metrics_fn: Callable[[Params], Any] | None = None,
+    loss_takes_step: bool = False,
+    post_step_fn: Callable[[Params, jax.Array], Any] | None = None,
+    update_takes_loss: bool = False,
 ) -> tuple[Params, dict[str, Any]]:
     """Adapt ``params`` to one task's support set with ``num_inner_steps`` update steps.
 
@@ -49,27 +52,38 @@ def inner_adapt(
       first_order: FOMAML: treat the inner gradients as constants (``stop_gradient``).
       step_metrics_fn: optional ``params -> pytree`` evaluated on the parameters *before*
         each step (e.g. the query loss along the adaptation path).
+      loss_takes_step: call ``task_loss_fn(params, batch, step)`` with the inner step index
+        (traced int32), e.g. for MAML++'s per-step batch-norm weights.
+      post_step_fn: optional ``(params_after_step, step) -> pytree`` evaluated on the
+        parameters *after* each update (MAML++'s multi-step loss: the query loss after step i).
+      update_takes_loss: call ``inner_update_fn(params, grads, step, loss)`` with the support
+        loss before the step (a scalar; learned update rules such as Meta-LSTM read it).
 
     Returns:
       ``(adapted_params, trace)`` where ``trace["support_loss"]: [K]`` is the support loss
-      before each step, and ``trace["step_metrics"]`` (if requested) stacks
-      ``step_metrics_fn`` over the K steps.
+      before each step, ``trace["step_metrics"]`` (if requested) stacks
+      ``step_metrics_fn`` over the K steps, and ``trace["post_step"]`` stacks ``post_step_fn``.
     """
     check_num_steps(num_inner_steps)
     check_batch(support, "support")
     if (inner_lr is None) == (inner_update_fn is None):
         raise HyperparameterError("give exactly one of inner_lr and inner_update_fn")
+    if update_takes_loss and inner_update_fn is None:
+        raise HyperparameterError("update_takes_loss needs an inner_update_fn(params, grads, step, loss)")
     update = sgd(inner_lr) if inner_update_fn is None else inner_update_fn
     grad_fn = jax.value_and_grad(task_loss_fn, has_aux=True)
 
     def one_step(p, step):
-        (loss, _), grads = grad_fn(p, support)
+        (loss, _), grads = grad_fn(p, support, step) if loss_takes_step else grad_fn(p, support)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         out = {"support_loss": loss}
         if step_metrics_fn is not None:
             out["step_metrics"] = step_metrics_fn(p)
-        return update(p, grads, step), out
+        new = update(p, grads, step, loss) if update_takes_loss else update(p, grads, step)
+        if post_step_fn is not None:
+            out["post_step"] = post_step_fn(new, step)
+        return new, out
 
     adapted, trace = jax.lax.scan(one_step, params, jnp.arange(num_inner_steps))
     return adapted, trace

@@ -2,5 +2,21 @@
 
 from maml_jax.algorithms.base import Algorithm, batched_evaluate, batched_meta_grad
 from maml_jax.algorithms.maml import fomaml, maml
+from maml_jax.algorithms.mamlpp import (
+    cosine_outer_lr,
+    maml_plus_plus,
+    mamlpp_meta_loss,
+    multi_step_loss_weights,
+    per_step_lr_sgd,
+    step_indexed_loss,
+)
 
 __all__ = ["Algorithm", "batched_evaluate", "batched_meta_grad", "fomaml", "maml"]
+__all__ += [
+    "cosine_outer_lr",
+    "maml_plus_plus",
+    "mamlpp_meta_loss",
+    "multi_step_loss_weights",
+    "per_step_lr_sgd",
+    "step_indexed_loss",
+]

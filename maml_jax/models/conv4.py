@@ -14,8 +14,13 @@ Omniglot 2x2 map instead).
 BatchNorm keeps no running statistics: every forward normalises with the batch's own
 mean/variance (the paper's transductive choice), with a learnable scale and bias. Nothing is
 mutated, so ``apply(params, x)`` is a pure function that vmaps over per-task parameters.
-Per-step BN statistics and weights (MAML++) will come with the algorithm family as another
-``bn`` mode; ``bn="none"`` drops the normalisation.
+``bn="per_step"`` (MAML++, Antoniou et al. 2019 §4 "per-step batch normalization weights and
+biases"): the statistics are still the batch's own (transductive), computed afresh at every inner
+step, and the scale/bias are indexed by the inner step, ``bn_{i}: {scale [S, F], bias [S, F]}``
+with ``S = bn_steps``; ``apply(params, x, step=i)`` uses row ``min(i, S − 1)``. With all rows
+equal it computes exactly what ``bn="transductive"`` does. ``bn="none"`` drops the normalisation.
+``head=False`` drops the linear head: ``apply`` returns the flattened features ``[n, F·H'·W']``
+(the embedding of Prototypical Networks).
 
 ``conv_impl`` picks how a convolution is expressed; both give the same numbers:
 
@@ -38,10 +43,10 @@ from maml_jax.models.base import Model
 from maml_jax.validation import ShapeError
 
 ConvImpl = Literal["lax", "patches"]
-BNMode = Literal["transductive", "none"]
+BNMode = Literal["transductive", "none", "per_step"]
 
 CONV_IMPLS = ("lax", "patches")
-BN_MODES = ("transductive", "none")
+BN_MODES = ("transductive", "none", "per_step")
 DATASETS = {
     # filters, stride, max-pool
     "omniglot": (64, 2, False),
@@ -115,6 +120,17 @@ class _BatchNorm(nn.Module):
         return batch_norm(x, *nn.dtypes.promote_dtype(scale, bias, dtype=x.dtype))
 
 
+class _PerStepBatchNorm(nn.Module):
+    steps: int
+
+    @nn.compact
+    def __call__(self, x, step):
+        scale = self.param("scale", nn.initializers.ones, (self.steps, x.shape[-1]))
+        bias = self.param("bias", nn.initializers.zeros, (self.steps, x.shape[-1]))
+        row = jnp.minimum(jnp.asarray(step, jnp.int32), self.steps - 1)
+        return batch_norm(x, *nn.dtypes.promote_dtype(scale[row], bias[row], dtype=x.dtype))
+
+
 class _Conv4(nn.Module):
     ways: int
     filters: int
@@ -122,17 +138,23 @@ class _Conv4(nn.Module):
     pool: bool
     conv_impl: str
     bn: str
+    bn_steps: int = 1
+    head: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, step=0):
         for i in range(4):
             x = _Conv3x3(self.filters, self.stride, self.conv_impl, name=f"conv_{i}")(x)
             if self.bn == "transductive":
                 x = _BatchNorm(name=f"bn_{i}")(x)
+            elif self.bn == "per_step":
+                x = _PerStepBatchNorm(self.bn_steps, name=f"bn_{i}")(x, step)
             x = nn.relu(x)
             if self.pool:
                 x = max_pool2x2(x)
         x = x.reshape(x.shape[0], -1)
+        if not self.head:
+            return x
         return nn.Dense(self.ways, kernel_init=nn.initializers.xavier_uniform(), name="head")(x)
 
 
@@ -142,8 +164,14 @@ def conv4(
     dataset: str = "omniglot",
     conv_impl: ConvImpl = "patches",
     bn: BNMode = "transductive",
+    bn_steps: int = 1,
+    head: bool = True,
 ) -> Model:
     """conv4 ``[n, H, W, C] → [n, ways]`` (NHWC); ``dataset`` picks filters/stride/pooling.
+
+    ``bn="per_step"`` keeps ``bn_steps`` rows of BN scale/bias and ``apply(params, x, step)``
+    picks row ``min(step, bn_steps − 1)`` (``step`` may be traced); other modes ignore ``step``.
+    ``head=False``: no ``head`` parameters and ``apply`` returns features ``[n, F·H'·W']``.
 
     Parameters: ``conv_{i}: {kernel [3, 3, C_in, F], bias [F]}`` and ``bn_{i}: {scale [F],
     bias [F]}`` for blocks ``i = 0..3``, ``head: {kernel [F·H'·W', ways], bias [ways]}``; the
@@ -155,11 +183,13 @@ def conv4(
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
     if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {list(BN_MODES)} (per-step BN comes with MAML++), got {bn!r}")
+        raise ValueError(f"bn must be one of {list(BN_MODES)}, got {bn!r}")
+    if isinstance(bn_steps, bool) or not isinstance(bn_steps, int) or bn_steps < 1:
+        raise ValueError(f"bn_steps must be an int >= 1, got {bn_steps!r}")
     if int(ways) < 1:
         raise ValueError(f"ways must be >= 1, got {ways!r}")
     filters, stride, pool = DATASETS[dataset]
-    module = _Conv4(int(ways), filters, stride, pool, conv_impl, bn)
+    module = _Conv4(int(ways), filters, stride, pool, conv_impl, bn, bn_steps, head)
 
     def check(x):
         if jnp.ndim(x) != 4:
@@ -169,8 +199,8 @@ def conv4(
         check(example_x)
         return module.init(key, example_x)["params"]
 
-    def apply(params, x: jax.Array) -> jax.Array:
+    def apply(params, x: jax.Array, step: int | jax.Array = 0) -> jax.Array:
         check(x)
-        return module.apply({"params": params}, x)
+        return module.apply({"params": params}, x, step)
 
     return Model(init, apply)
