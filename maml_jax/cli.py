@@ -1,7 +1,8 @@
-"""``maml-jax`` command line: ``train``, ``eval``, ``eval-lake-runs``, ``bench``, ``list-configs``.
+"""``maml-jax`` command line: ``train``, ``eval``, ``eval-lake-runs``, ``bench``, ``plot``, ``list-configs``.
 
 Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training, 4 missing or
-broken data / run directory.
+broken data / run directory / checkpoint, 130 / 143 training stopped by SIGINT / SIGTERM after
+saving a checkpoint (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
 from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
 from maml_jax.data.cache import DatasetError
 
@@ -79,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     p_lake.add_argument("--run-dir", required=True, help="run directory of a 20-way Omniglot model")
     p_lake.add_argument("--runs", required=True, help="all_runs.zip or its unpacked folder")
     p_lake.add_argument("--model", default="maml")
+    p_plot = sub.add_parser(
+        "plot",
+        help="learning curves of several runs, metric vs inner steps, sinusoid figure (PNG and PDF)",
+        description="Plot run directories on shared figures: <out>_curves, <out>_inner_steps and (for a "
+        "finished sinusoid run) <out>_sinusoid, each as .png and .pdf.",
+    )
+    p_plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by maml-jax train")
+    p_plot.add_argument("--out", default=None, help="output path stem (default: <first RUN>/plots/compare)")
     sub.add_parser("list-configs", help="list the available config names")
     sub.add_parser("bench", help="benchmark meta-train steps per second (maml-jax bench --help)", add_help=False)
 
@@ -93,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
             out = evaluate_run(args.run_dir, label=args.model, num_tasks=args.num_tasks)
             print(f"model at step {out['step']}\n{out['table']}")
+            return 0
+        if args.command == "plot":
+            from maml_jax.plotting import plot_runs
+
+            out = args.out or str(Path(args.runs[0]) / "plots" / "compare")
+            print("\n".join(str(p) for p in plot_runs(args.runs, out)))
             return 0
         if args.command == "eval-lake-runs":
             from maml_jax.experiment import evaluate_lake_runs
@@ -112,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         print(f"maml-jax: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except CheckpointError as err:
+        print(f"maml-jax: {err}", file=sys.stderr)
+        return EXIT_DATA
+    except TrainingInterrupted as err:
+        print(f"maml-jax: {err}", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ class Config:
     steps_per_call: int = 500  # train steps fused into one compiled call (device-side sampling)
     log_every: int = 1000
     checkpoint_every: int = 5000
+    checkpoint_keep: int = 3  # keep the latest k checkpoints (plus the best one by score)
+    # held-out tasks scored at every log row (sinusoid only: classification has no validation
+    # split here, so keep-best ranks by the training meta-loss); 0 = off
+    validate_num_tasks: int = 0
+    skip_nonfinite: bool = False  # skip (and count) non-finite steps instead of stopping
     # meta-test evaluation
     eval_num_tasks: int = 600
     eval_seed: int = 1_000_003
@@ -74,10 +79,24 @@ class Config:
 
     def validate(self) -> Config:
         positive = ["ways", "shots", "queries", "meta_batch_size", "num_iterations", "steps_per_call", "log_every"]
-        positive += ["checkpoint_every", "eval_num_tasks", "eval_grid_points", "eval_queries", "eval_batch_tasks"]
+        positive += [
+            "checkpoint_every",
+            "checkpoint_keep",
+            "eval_num_tasks",
+            "eval_grid_points",
+            "eval_queries",
+            "eval_batch_tasks",
+        ]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config.{key} must be > 0, got {getattr(self, key)}")
+        if self.validate_num_tasks < 0:
+            raise ConfigError(f"config.validate_num_tasks must be >= 0, got {self.validate_num_tasks}")
+        if self.validate_num_tasks and self.dataset != "sinusoid":
+            raise ConfigError(
+                "config.validate_num_tasks: validation tasks exist for sinusoid only (image data sets have no "
+                "validation split here; keep-best then ranks checkpoints by the training meta-loss); set it to 0"
+            )
         if self.num_inner_steps < 0:
             raise ConfigError(f"config.num_inner_steps must be >= 0, got {self.num_inner_steps}")
         for key in ("inner_lr", "outer_lr"):

@@ -8,8 +8,11 @@ resumes each model from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from maml_jax import rundir
+from maml_jax import checkpoint, rundir
 from maml_jax.config import Config, ConfigError, config_from_dict
 from maml_jax.core import batched_meta_loss
 from maml_jax.evaluate import adaptation_curve
@@ -28,6 +31,7 @@ from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import Model
 from maml_jax.task_families import TaskFamily, build_model, build_task_family
 from maml_jax.train import (
+    NonFiniteLossError,
     TrainState,
     init_train_state,
     make_sampling_train_chunk,
@@ -36,6 +40,69 @@ from maml_jax.train import (
 )
 
 METHOD_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrained": "pretrained"}
+
+
+class NonFiniteTrainingError(NonFiniteLossError):
+    """``NonFiniteLossError`` plus the last good checkpoint (``None`` when none was saved yet)."""
+
+    def __init__(self, err: NonFiniteLossError, checkpoint: Path | None, label: str):
+        super().__init__(err.step, err.metrics)
+        bad = [k for k, v in sorted(err.metrics.items()) if not np.isfinite(v)] or ["unknown"]
+        where = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+        self.checkpoint = checkpoint
+        self.args = (
+            f"[{label}] training stopped: non-finite {', '.join(bad)} at step {err.step}; {where}. "
+            f"{self.args[0]} (or set --config.skip_nonfinite=true to skip such batches)",
+        )
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Within the block SIGINT/SIGTERM only set ``flag["signum"]`` (checked between chunks);
+    the previous handlers come back afterwards. Off the main thread, signals are left alone."""
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _log_row(label: str, step: int, pending: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Means over the finite steps of a log window (``pending``: metrics concatenated over the
+    window's steps) plus ``skipped_steps``, the number of non-finite steps that were skipped."""
+    finite = pending["finite"].astype(bool)
+    row: dict[str, Any] = {"run": label, "step": step, "skipped_steps": int((~finite).sum())}
+    for k, v in pending.items():
+        if k != "finite":
+            row[k] = float(np.mean(v[finite])) if finite.any() else float("nan")
+    return row
+
+
+def _concat(pending: dict[str, np.ndarray] | None, metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if pending is None:
+        return {k: np.asarray(v) for k, v in metrics.items()}
+    return {k: np.concatenate([pending[k], np.asarray(metrics[k])]) for k in pending}
+
+
+def _pending_to_json(pending: dict[str, np.ndarray] | None) -> dict | None:
+    if pending is None:
+        return None
+    return {k: {"dtype": str(v.dtype), "values": v.tolist()} for k, v in pending.items()}
+
+
+def _pending_from_json(obj: dict | None) -> dict[str, np.ndarray] | None:
+    if not obj:
+        return None
+    return {k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in obj.items()}
 
 
 def train_model(
@@ -50,16 +117,23 @@ def train_model(
 ) -> Any:
     """Meta-train one model (``num_inner_steps=0`` is joint "pretraining"); returns its params.
 
-    Resumes from ``workdir/label/checkpoint.msgpack`` when present.
+    Resumes from the newest checkpoint in ``workdir/label`` (Orbax ``checkpoints/``, or a legacy
+    ``checkpoint.msgpack``). Checkpoints every ``config.checkpoint_every`` steps and at the end,
+    keeping the last ``config.checkpoint_keep`` and the best by score: the validation MSE
+    (``config.validate_num_tasks`` held-out sinusoid tasks at each log row) when enabled, else
+    the training meta-loss of the latest log row. On SIGINT/SIGTERM the chunk in progress is
+    finished, checkpointed, and ``TrainingInterrupted`` raised.
     """
     key = jax.random.PRNGKey(config.seed)
     init_key, data_key = jax.random.split(key)
     params = family.model.init(init_key, family.example_x)
     optimizer = optax.adam(config.outer_lr)
     state = init_train_state(params, optimizer, data_key)
-    ckpt = Path(workdir) / label / "checkpoint.msgpack"
-    if ckpt.exists():
-        state = rundir.load_pytree(ckpt, state)
+    label_dir = Path(workdir) / label
+    found = checkpoint.restore_latest(label_dir, state, keep=config.checkpoint_keep)
+    last_ckpt, extra = None, {}
+    if found is not None:
+        state, extra, last_ckpt = found
     start = int(state.step)
     total = config.num_iterations
     if start >= total:
@@ -81,31 +155,60 @@ def train_model(
             chunks[length] = jax.jit(make_sampling_train_chunk(train_step, family.sample_train, length))
         return chunks[length](state, family.train_data)
 
+    def validate(params) -> dict[str, float]:
+        if not config.validate_num_tasks:
+            return {}
+        seed = config.eval_seed + 2  # disjoint from the test tasks (eval_seed) and the lr tuning (+1)
+        res = family.evaluate(
+            params, inner_lr=config.inner_lr, seed=seed, num_tasks=config.validate_num_tasks, shots=[config.shots]
+        )
+        return {f"val_{family.metric}": res[config.shots][family.metric][max(config.eval_inner_steps)][0]}
+
+    ckpt = checkpoint.Checkpointer(label_dir / checkpoint.CHECKPOINTS_DIR, keep=config.checkpoint_keep)
+    score_key = f"val_{family.metric}" if config.validate_num_tasks else "meta_loss"
     bar = tqdm(total=total, initial=start, desc=label, disable=not progress, unit="it", dynamic_ncols=True)
-    pending: list[dict] = []
-    t_log = time.perf_counter()
+    pending = _pending_from_json(extra.get("pending"))
+    score = extra.get("score")
+    t_log, steps_timed = time.perf_counter(), 0
     step = start
-    while step < total:
-        boundaries = [total, (step // config.log_every + 1) * config.log_every]
-        boundaries.append((step // config.checkpoint_every + 1) * config.checkpoint_every)
-        length = min(config.steps_per_call, min(boundaries) - step)
-        state, metrics = run_chunk(state, length)
-        raise_if_nonfinite(step, metrics)
-        pending.append(jax.device_get(metrics))
-        step += length
-        bar.update(length)
-        if step % config.log_every == 0 or step == total:
-            now = time.perf_counter()
-            row = {k: float(np.mean(np.concatenate([p[k] for p in pending]))) for k in pending[0] if k != "finite"}
-            steps_done = sum(len(p["meta_loss"]) for p in pending)
-            row.update(run=label, step=step, steps_per_s=steps_done / (now - t_log))
-            writer.write(row)
-            bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}")
-            pending, t_log = [], now
-        if step % config.checkpoint_every == 0 or step == total:
-            rundir.save_pytree(ckpt, state)
-    bar.close()
-    rundir.save_pytree(Path(workdir) / label / "params.msgpack", state.meta_params)
+
+    def save(step: int) -> Path:
+        return ckpt.save(step, state, {"pending": _pending_to_json(pending), "score": score}, score=score)
+
+    try:
+        with _stop_on_signals() as stop:
+            while step < total:
+                boundaries = [total, (step // config.log_every + 1) * config.log_every]
+                boundaries.append((step // config.checkpoint_every + 1) * config.checkpoint_every)
+                length = min(config.steps_per_call, min(boundaries) - step)
+                state, metrics = run_chunk(state, length)
+                metrics = jax.device_get(metrics)
+                if not config.skip_nonfinite:
+                    try:
+                        raise_if_nonfinite(step, metrics)
+                    except NonFiniteLossError as err:
+                        raise NonFiniteTrainingError(err, last_ckpt, label) from None
+                pending = _concat(pending, metrics)
+                step += length
+                steps_timed += length
+                bar.update(length)
+                if step % config.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    row = _log_row(label, step, pending)
+                    row.update(validate(state.meta_params))
+                    writer.write(row, timing={"steps_per_s": steps_timed / (now - t_log)})
+                    score = row.get(score_key)
+                    shown = {k: f"{row[k]:.4g}" for k in ("meta_loss", "query_accuracy", score_key) if k in row}
+                    bar.set_postfix(shown)
+                    pending, t_log, steps_timed = None, now, 0
+                if step % config.checkpoint_every == 0 or step == total or stop["signum"] is not None:
+                    last_ckpt = save(step)
+                if stop["signum"] is not None:
+                    raise checkpoint.TrainingInterrupted(stop["signum"], step, last_ckpt)
+    finally:
+        bar.close()
+        ckpt.close()
+    rundir.save_pytree(label_dir / "params.msgpack", state.meta_params)
     return state.meta_params
 
 
@@ -156,8 +259,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     family = build_task_family(config)
     main_label = "fomaml" if config.first_order else "maml"
     trained = {}
-    for label, steps in [(main_label, config.num_inner_steps)] + [(name, 0) for name in config.baselines]:
-        trained[label] = train_model(config, workdir, label, steps, writer, family, progress=progress)
+    try:
+        for label, steps in [(main_label, config.num_inner_steps)] + [(name, 0) for name in config.baselines]:
+            trained[label] = train_model(config, workdir, label, steps, writer, family, progress=progress)
+    finally:
+        writer.close()
 
     evaluate = family.evaluate
     # regression evaluates several support sizes; classification its own ways-shots episodes
@@ -198,13 +304,14 @@ def load_trained(workdir: str | Path, label: str = "maml") -> tuple[Config, Mode
     example = jnp.zeros((1, 1)) if config.model == "mlp" else jnp.zeros((config.ways, *_image_shape(config)))
     params = model.init(jax.random.PRNGKey(0), example)
     state = init_train_state(params, optax.adam(config.outer_lr), jax.random.PRNGKey(0))
-    final, ckpt = workdir / label / "params.msgpack", workdir / label / "checkpoint.msgpack"
+    final = workdir / label / "params.msgpack"
     if final.exists():
         return config, model, rundir.load_pytree(final, params), config.num_iterations
-    if ckpt.exists():
-        state = rundir.load_pytree(ckpt, state)
+    found = checkpoint.restore_latest(workdir / label, state, keep=config.checkpoint_keep)
+    if found is not None:
+        state = found[0]
         return config, model, state.meta_params, int(state.step)
-    raise FileNotFoundError(f"{workdir / label} holds neither params.msgpack nor checkpoint.msgpack")
+    raise FileNotFoundError(f"{workdir / label} holds neither params.msgpack nor a checkpoint")
 
 
 def _image_shape(config: Config) -> tuple[int, int, int]:

@@ -1,13 +1,19 @@
-"""Figures. Matplotlib is imported here only, with the non-interactive Agg backend."""
+"""Figures. Matplotlib is imported here only, with the non-interactive Agg backend.
+
+``sinusoid_figure`` (Finn et al. 2017, Fig. 2), ``learning_curves_figure``,
+``inner_steps_figure`` and ``plot_runs`` (``maml-jax plot RUN...``) write PNG and PDF."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -70,4 +76,122 @@ def sinusoid_figure(
     for p in paths:
         fig.savefig(p, dpi=120)
     plt.close(fig)
+    return paths
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _latest_eval(run: Path) -> dict | None:
+    """``eval.json`` of a finished run, else the ``eval-step<N>.json`` with the largest N."""
+    if (run / "eval.json").is_file():
+        return json.loads((run / "eval.json").read_text())
+    partial = sorted(run.glob("eval-step*.json"), key=lambda p: int(p.stem.removeprefix("eval-step")))
+    return json.loads(partial[-1].read_text()) if partial else None
+
+
+def _save(fig, path_stem: Path) -> list[Path]:
+    fig.tight_layout()
+    paths = [Path(f"{path_stem}.png"), Path(f"{path_stem}.pdf")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def learning_curves_figure(runs: Sequence[Path], path_stem: Path) -> list[Path]:
+    """Learning curves of several run directories on one figure: one panel per logged metric
+    (training meta-loss, query accuracy, validation metric, whichever were logged), one line per
+    (run, model), x = meta-iteration. Reads ``metrics.jsonl``. Writes ``path_stem``.png/.pdf."""
+    series: dict[str, list[tuple[str, list[int], list[float]]]] = {}
+    for run in map(Path, runs):
+        rows = _read_jsonl(run / "metrics.jsonl")
+        for label in dict.fromkeys(r["run"] for r in rows):
+            mine = [r for r in rows if r["run"] == label]
+            for key in ("meta_loss", "query_accuracy", "val_mse", "val_accuracy"):
+                if any(key in r for r in mine):
+                    pts = [(r["step"], r[key]) for r in mine if key in r]
+                    series.setdefault(key, []).append((f"{run.name}/{label}", *map(list, zip(*pts, strict=True))))
+    if not series:
+        raise ValueError(f"no metrics rows in {[str(r) for r in runs]}")
+    fig, axes = plt.subplots(1, len(series), figsize=(4.8 * len(series), 3.6), squeeze=False)
+    for ax, (key, lines) in zip(axes[0], series.items(), strict=True):
+        for name, steps, values in lines:
+            ax.plot(steps, values, label=name, lw=1.5)
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel(key.replace("_", " "))
+        if key in ("meta_loss", "val_mse"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, path_stem)
+
+
+def inner_steps_figure(runs: Sequence[Path], path_stem: Path) -> list[Path]:
+    """Meta-test metric (MSE or accuracy, mean ± 95% CI over tasks) against the number of inner
+    gradient steps, one line per (run, model, K), from each run's evaluation JSON."""
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    metric, line = None, 0
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for run in map(Path, runs):
+        ev = _latest_eval(run)
+        if ev is None:
+            continue
+        for label, res in ev["results"].items():
+            color, line = colors[line % len(colors)], line + 1  # one colour per (run, model)
+            for i, (k, by_metric) in enumerate(res["by_shots"].items()):
+                metric = "mse" if "mse" in by_metric else "accuracy"
+                points = sorted((int(s), v[0], v[1]) for s, v in by_metric[metric].items())
+                steps, mean, ci = (np.array(c) for c in zip(*points, strict=True))
+                scale = 100.0 if metric == "accuracy" else 1.0
+                ax.errorbar(
+                    steps,
+                    scale * mean,
+                    yerr=scale * ci,
+                    color=color,
+                    ls=("-", "--", ":", "-.")[i % 4],
+                    marker="os^v"[i % 4],
+                    capsize=3,
+                    label=f"{run.name}/{label} K={k}",
+                )
+    if metric is None:
+        plt.close(fig)
+        raise ValueError(f"no evaluation results (eval.json or eval-step*.json) in {[str(r) for r in runs]}")
+    ax.set_xlabel("inner gradient steps at meta-test")
+    ax.set_ylabel("query MSE (log scale)" if metric == "mse" else "query accuracy (%)")
+    if metric == "mse":
+        ax.set_yscale("log")  # a diverging fine-tuning run would flatten every other line
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
+    return _save(fig, path_stem)
+
+
+def plot_runs(runs: Sequence[str | Path], path_stem: str | Path) -> list[Path]:
+    """``maml-jax plot``: learning curves of all ``runs``, the metric against inner steps of
+    those that were evaluated, and the sinusoid adaptation figure of the first finished
+    sinusoid run. Writes ``<path_stem>_curves``, ``_inner_steps``, ``_sinusoid`` (.png and
+    .pdf); returns the paths written."""
+    from maml_jax.experiment import load_trained
+
+    runs = [Path(r) for r in runs]
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{run} is not a run directory with metrics (no {run / 'metrics.jsonl'})")
+    stem = Path(path_stem)
+    paths = learning_curves_figure(runs, Path(f"{stem}_curves"))
+    if any(_latest_eval(r) for r in runs):
+        paths += inner_steps_figure(runs, Path(f"{stem}_inner_steps"))
+    for run in runs:
+        if (run / "eval.json").is_file() and json.loads((run / "config.json").read_text())["dataset"] == "sinusoid":
+            results = json.loads((run / "eval.json").read_text())["results"]
+            trained, config, model = {}, None, None
+            for label in results:
+                config, model, params, _ = load_trained(run, label)
+                trained[label] = params
+            for res in results.values():
+                res["inner_lr"] = {int(k): v for k, v in res["inner_lr"].items()}
+            paths += sinusoid_figure(config, model, trained, results, Path(f"{stem}_sinusoid"))
+            break
     return paths

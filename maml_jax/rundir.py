@@ -4,8 +4,11 @@ Layout of ``workdir``::
 
     config.json       the resolved config
     run.json          seed, command, git commit, package versions, devices, start time
-    metrics.jsonl     one JSON object per log row (``metrics.csv``: the same rows)
-    <label>/checkpoint.msgpack   latest TrainState of each trained model (atomic writes)
+    metrics.jsonl     one JSON object per log row (``metrics.csv``: the same rows); only
+                      values determined by config + seed (timings are in ``timing.jsonl``)
+    tb/<label>/       TensorBoard event files of the same scalars
+    <label>/checkpoints/<step>/  Orbax checkpoints of each trained model (``maml_jax.checkpoint``)
+    <label>/checkpoint.msgpack   the same in the format of runs made before Orbax (read only)
     <label>/params.msgpack       final meta-parameters
     eval.json         meta-test results
 """
@@ -78,13 +81,23 @@ def write_run_metadata(workdir: Path, config_dict: dict, seed: int) -> None:
 
 
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` (CSV columns from the first row)."""
+    """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` (CSV columns from the first row),
+    wall-clock measurements to ``timing.jsonl``, and every numeric value of a row as a
+    TensorBoard scalar to ``tb/<run>/`` (``tensorboard --logdir runs/``).
 
-    def __init__(self, workdir: Path):
-        self.jsonl = Path(workdir) / "metrics.jsonl"
-        self.csv = Path(workdir) / "metrics.csv"
+    ``metrics.*`` hold only values that are a function of the config and seed, so that two
+    runs of one config on one machine write identical files; timings go to ``timing.jsonl``.
+    """
 
-    def write(self, row: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, *, tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.jsonl = self.workdir / "metrics.jsonl"
+        self.csv = self.workdir / "metrics.csv"
+        self.timing = self.workdir / "timing.jsonl"
+        self.tensorboard = tensorboard
+        self._tb: dict[str, Any] = {}  # run label -> tensorboardX SummaryWriter
+
+    def write(self, row: dict[str, Any], timing: dict[str, float] | None = None) -> None:
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -95,6 +108,28 @@ class MetricsWriter:
             if new:
                 w.writeheader()
             w.writerow(row)
+        if timing:
+            with open(self.timing, "a") as f:
+                f.write(json.dumps({"run": row.get("run"), "step": row.get("step"), **timing}, sort_keys=True) + "\n")
+        if self.tensorboard and "step" in row:
+            tb = self._summary_writer(str(row.get("run", "train")))
+            scalars = {**row, **(timing or {})}
+            for k, v in sorted(scalars.items()):
+                if k not in ("run", "step") and isinstance(v, int | float) and not isinstance(v, bool):
+                    tb.add_scalar(k, v, global_step=int(row["step"]))
+            tb.flush()
+
+    def _summary_writer(self, run: str):
+        if run not in self._tb:
+            from tensorboardX import SummaryWriter  # imported when the first scalar is written
+
+            self._tb[run] = SummaryWriter(logdir=str(self.workdir / "tb" / run))
+        return self._tb[run]
+
+    def close(self) -> None:
+        for tb in self._tb.values():
+            tb.close()
+        self._tb.clear()
 
 
 def save_pytree(path: Path, tree: Any) -> None:

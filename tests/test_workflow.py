@@ -1,0 +1,261 @@
+"""Research workflow: Orbax checkpoints (keep-last/best, atomic, exact resume, SIGTERM),
+TensorBoard events, progress bar, plots, non-finite guards, reproducible metrics, --help."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from maml_jax import checkpoint, mlp, rundir
+from maml_jax.cli import main
+from maml_jax.train import init_train_state
+
+TINY = [
+    "--config.num_iterations=400",
+    "--config.steps_per_call=50",
+    "--config.log_every=100",
+    "--config.checkpoint_every=200",
+    "--config.eval_num_tasks=20",
+    "--config.baselines=",
+    "--config.eval_shots=5",
+    "--config.eval_inner_steps=0,1",
+    "--config.validate_num_tasks=20",
+    "--no-progress",
+]
+HALF = [a if "num_iterations" not in a else "--config.num_iterations=200" for a in TINY]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two finished tiny runs shared by the tests below: 400 steps and 200 steps (seed 0)."""
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "sinusoid", "--workdir", str(root / "full"), *TINY]) == 0
+    assert main(["train", "sinusoid", "--workdir", str(root / "half"), *HALF]) == 0
+    return root
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def template_state():
+    params = mlp((40, 40), 1).init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))
+    return init_train_state(params, optax.adam(1e-3), jax.random.PRNGKey(0))
+
+
+def final_params(workdir):
+    template = mlp((40, 40), 1).init(jax.random.PRNGKey(0), np.zeros((1, 1), np.float32))
+    return rundir.load_pytree(Path(workdir) / "maml" / "params.msgpack", template)
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def with_step(state, step):
+    return state._replace(
+        step=jnp.asarray(step, jnp.int32), meta_params=jax.tree.map(lambda a: a + step, state.meta_params)
+    )
+
+
+def test_checkpointer_keeps_last_k_and_the_best(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path / "ck", keep=2)
+    state = template_state()
+    for step, score in zip([1, 2, 3, 4, 5], [5.0, 1.0, 4.0, 3.0, 2.0], strict=True):
+        ckpt.save(step, with_step(state, step), {"note": step}, score=score)
+    assert ckpt.steps() == [2, 4, 5]  # the latest two, plus step 2 with the lowest score
+    assert ckpt.best_step() == 2
+    restored, extra = ckpt.restore(state, step=2)
+    assert extra["note"] == 2
+    assert_trees_equal(restored, with_step(state, 2))
+    assert int(restored.step) == 2 and isinstance(restored, type(state))
+    ckpt.close()
+
+
+def test_oserror_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "ck", keep=3)
+    state = template_state()
+    ckpt.save(10, with_step(state, 10))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(20, with_step(state, 20))
+    monkeypatch.undo()
+    ckpt.close()
+    fresh = checkpoint.Checkpointer(tmp_path / "ck", keep=3)
+    assert fresh.steps() == [10]
+    restored, _ = fresh.restore(state)
+    assert_trees_equal(restored, with_step(state, 10))
+    fresh.close()
+
+
+def test_legacy_msgpack_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.msgpack"
+    state = template_state()
+    rundir.save_pytree(path, with_step(state, 3))
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        rundir.save_pytree(path, with_step(state, 4))
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_corrupt_or_incompatible_checkpoint_is_an_error_naming_it(tmp_path, capsys):
+    state = template_state()
+    ckpt = checkpoint.Checkpointer(tmp_path / "maml" / "checkpoints", keep=2)
+    ckpt.save(200, with_step(state, 200))
+    ckpt.close()
+    # incompatible: a wider network than the checkpoint's
+    wide = init_train_state(
+        mlp((41, 40), 1).init(jax.random.PRNGKey(0), jnp.zeros((1, 1))), optax.adam(1e-3), jax.random.PRNGKey(0)
+    )
+    with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "maml" / "checkpoints" / "200")):
+        checkpoint.restore_latest(tmp_path / "maml", wide)
+    # corrupt: every data file of the array store overwritten with garbage
+    for f in (tmp_path / "maml" / "checkpoints" / "200" / "state").rglob("*"):
+        if f.is_file() and "ocdbt" in str(f.relative_to(tmp_path / "maml" / "checkpoints" / "200" / "state")):
+            f.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="200"):
+        checkpoint.restore_latest(tmp_path / "maml", state)
+    # the CLI refuses to start from scratch: exit 4, the checkpoint named
+    assert main(["train", "sinusoid", "--workdir", str(tmp_path), *TINY]) == 4
+    assert str(tmp_path / "maml" / "checkpoints" / "200") in capsys.readouterr().err
+    # a corrupt legacy file too
+    legacy = tmp_path / "other" / "checkpoint.msgpack"
+    legacy.parent.mkdir()
+    legacy.write_bytes(b"\x00not msgpack")
+    with pytest.raises(checkpoint.CheckpointError, match=str(legacy)):
+        checkpoint.restore_latest(legacy.parent, state)
+
+
+def test_resume_from_orbax_and_from_a_legacy_msgpack_checkpoint_is_bitwise_exact(trained, tmp_path, capsys):
+    full = trained / "full"
+    part = copy_run(trained / "half", tmp_path / "part")
+    # the same half-trained state in the pre-Orbax format (runs/omniglot_5w1s has one)
+    restored = checkpoint.restore_latest(part / "maml", template_state())
+    assert restored is not None and int(restored[0].step) == 200
+    legacy = tmp_path / "legacy"
+    rundir.save_pytree(legacy / "maml" / "checkpoint.msgpack", restored[0])
+    capsys.readouterr()
+    with_bar = [a for a in TINY if a != "--no-progress"]
+    assert main(["train", "sinusoid", "--workdir", str(part), *with_bar]) == 0  # resumes at 200
+    err = capsys.readouterr().err  # the progress bar: ETA and the running meta-loss / validation MSE
+    assert "400/400" in err and "meta_loss=" in err and "val_mse=" in err and "<00:" in err
+    assert main(["train", "sinusoid", "--workdir", str(legacy), *TINY]) == 0
+    for workdir in (part, legacy):
+        assert_trees_equal(final_params(full), final_params(workdir))
+    assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
+    assert sorted(int(p.name) for p in (part / "maml" / "checkpoints").iterdir()) == [200, 400]
+
+
+def test_same_config_and_seed_give_identical_metrics_files(trained, tmp_path):
+    a, b = trained / "half", tmp_path / "again"
+    assert main(["train", "sinusoid", "--workdir", str(b), *HALF]) == 0
+    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
+    assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [100, 200] and all("val_mse" in r and "steps_per_s" not in r for r in rows)
+    timing = [json.loads(line) for line in (a / "timing.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timing] == [100, 200] and all(t["steps_per_s"] > 0 for t in timing)
+
+
+def test_tensorboard_events_hold_the_logged_scalars(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = trained / "full"
+    assert list((run / "tb" / "maml").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tb" / "maml"))
+    events.Reload()
+    assert {"meta_loss", "grad_norm", "val_mse", "steps_per_s"} <= set(events.Tags()["scalars"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [(e.step, e.value) for e in events.Scalars("meta_loss")]
+    assert logged == [(r["step"], pytest.approx(r["meta_loss"], rel=1e-6)) for r in rows]
+
+
+def test_nonfinite_stops_naming_step_quantity_and_checkpoint_or_skips(trained, tmp_path, capsys):
+    tmp_path = copy_run(trained / "half", tmp_path / "run")
+    (tmp_path / "maml" / "params.msgpack").unlink()  # as if the run had stopped at its checkpoint
+    blow_up = "--config.inner_lr=1e30"  # the adapted parameters overflow: loss and gradients non-finite
+    assert main(["train", "sinusoid", "--workdir", str(tmp_path), *TINY, blow_up]) == 3
+    err = capsys.readouterr().err
+    assert "at step 200" in err and "non-finite" in err and "meta_loss" in err
+    assert f"last good checkpoint: {tmp_path / 'maml' / 'checkpoints' / '200'}" in err
+    assert main(["train", "sinusoid", "--workdir", str(tmp_path), *TINY, blow_up, "--config.skip_nonfinite=true"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows] == [(100, 0), (200, 0), (300, 100), (400, 100)]
+    # every step was skipped, so the parameters are those of the checkpoint at step 200
+    at_200 = checkpoint.Checkpointer(tmp_path / "maml" / "checkpoints").restore(template_state(), step=200)[0]
+    assert_trees_equal(final_params(tmp_path), at_200.meta_params)
+
+
+def test_plot_writes_curves_inner_steps_and_sinusoid_figures(trained, tmp_path, capsys):
+    runs = [trained / "full", trained / "half"]
+    assert main(["plot", *map(str, runs), "--out", str(tmp_path / "fig" / "cmp")]) == 0
+    written = capsys.readouterr().out.split()
+    for name in ("cmp_curves", "cmp_inner_steps", "cmp_sinusoid"):
+        png = (tmp_path / "fig" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        assert (tmp_path / "fig" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+        assert str(tmp_path / "fig" / f"{name}.png") in written
+    assert main(["plot", str(tmp_path / "nope")]) == 4
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "eval-lake-runs", "bench", "plot", "list-configs"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--help" in out
+
+
+@pytest.mark.slow
+def test_real_sigterm_then_resume_matches_uninterrupted(tmp_path):
+    """A ``maml-jax train`` subprocess gets SIGTERM mid-run: it checkpoints, exits 143; the same
+    command resumes, and parameters and metrics equal those of an uninterrupted run."""
+    args = [
+        "--config.num_iterations=3000",
+        "--config.steps_per_call=20",
+        "--config.log_every=500",
+        "--config.checkpoint_every=1000",
+        *TINY[4:],
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "sinusoid", "--workdir", str(full), *args]) == 0
+    cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(part), *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (part / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # the first log row (step 500) means training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM at step" in err and "checkpoint saved to" in err
+    stopped_at = int(err.split("SIGTERM at step ")[1].split(":")[0])
+    assert 500 <= stopped_at < 3000 and not (part / "maml" / "params.msgpack").exists()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_trees_equal(final_params(full), final_params(part))
+    assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
