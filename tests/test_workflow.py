@@ -259,3 +259,10 @@ def test_real_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert_trees_equal(final_params(full), final_params(part))
     assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
+
+
+def test_missing_data_dir_names_the_path_and_the_layout(tmp_path, capsys):
+    data = tmp_path / "no_omniglot_here"
+    assert main(["train", "omniglot_5w1s", "--workdir", str(tmp_path / "run"), f"--config.data_dir={data}"]) == 4
+    err = capsys.readouterr().err
+    assert str(data) in err and "images_background" in err and "characterNN/*.png" in err
