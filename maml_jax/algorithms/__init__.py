@@ -10,13 +10,20 @@ from maml_jax.algorithms.mamlpp import (
     per_step_lr_sgd,
     step_indexed_loss,
 )
+from maml_jax.algorithms.meta_lstm import meta_lstm, meta_lstm_loss, meta_lstm_update
+from maml_jax.algorithms.protonets import protonets, prototypical_loss
 
 __all__ = ["Algorithm", "batched_evaluate", "batched_meta_grad", "fomaml", "maml"]
 __all__ += [
     "cosine_outer_lr",
     "maml_plus_plus",
     "mamlpp_meta_loss",
+    "meta_lstm",
+    "meta_lstm_loss",
+    "meta_lstm_update",
     "multi_step_loss_weights",
     "per_step_lr_sgd",
+    "protonets",
+    "prototypical_loss",
     "step_indexed_loss",
 ]
