@@ -39,6 +39,8 @@ def inner_adapt(
     loss_takes_step: bool = False,
     post_step_fn: Callable[[Params, jax.Array], Any] | None = None,
     update_takes_loss: bool = False,
+    remat: bool = False,
+    remat_policy: Callable[..., bool] | None = None,
 ) -> tuple[Params, dict[str, Any]]:
     """Adapt ``params`` to one task's support set with ``num_inner_steps`` update steps.
 
@@ -58,6 +60,13 @@ def inner_adapt(
         parameters *after* each update (MAML++'s multi-step loss: the query loss after step i).
       update_takes_loss: call ``inner_update_fn(params, grads, step, loss)`` with the support
         loss before the step (a scalar; learned update rules such as Meta-LSTM read it).
+      remat: wrap the scanned inner step in ``jax.checkpoint`` (rematerialisation): the
+        backward pass recomputes each step's forward activations instead of storing them, so
+        a second-order meta-gradient keeps only the K parameter carries, not K steps of
+        activations (Chen et al. 2016, "Training deep nets with sublinear memory cost").
+        Same numbers, more compute (about one extra forward+backward per inner step).
+      remat_policy: the ``jax.checkpoint`` policy (``jax.checkpoint_policies.*``) saying what
+        may be saved; default ``nothing_saveable`` (smallest memory). Only with ``remat``.
 
     Returns:
       ``(adapted_params, trace)`` where ``trace["support_loss"]: [K]`` is the support loss
@@ -85,6 +94,11 @@ def inner_adapt(
             out["post_step"] = post_step_fn(new, step)
         return new, out
 
+    if remat:
+        policy = jax.checkpoint_policies.nothing_saveable if remat_policy is None else remat_policy
+        one_step = jax.checkpoint(one_step, policy=policy)
+    elif remat_policy is not None:
+        raise HyperparameterError("remat_policy is only used with remat=True")
     adapted, trace = jax.lax.scan(one_step, params, jnp.arange(num_inner_steps))
     return adapted, trace
 
@@ -98,11 +112,14 @@ def meta_loss(
     inner_lr: float | jax.Array | None = None,
     inner_update_fn: InnerUpdateFn | None = None,
     first_order: bool = False,
+    remat: bool = False,
+    remat_policy: Callable[..., bool] | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Query loss of the adapted parameters, ``L_query(θ')`` with θ' = inner_adapt(θ).
 
     ``task``: ``Task(support=Batch([n_s, *f], ...), query=Batch([n_q, *f], ...))``.
     Differentiable w.r.t. ``meta_params`` (second order unless ``first_order``).
+    ``remat``/``remat_policy``: rematerialise the inner steps (see ``inner_adapt``).
 
     Returns ``(loss, metrics)``; metrics hold ``query_loss``, the support loss before
     adaptation (``support_loss``, when K > 0) and the task loss's aux as ``query_<name>``.
@@ -116,6 +133,8 @@ def meta_loss(
         inner_lr=inner_lr,
         inner_update_fn=inner_update_fn,
         first_order=first_order,
+        remat=remat,
+        remat_policy=remat_policy,
     )
     loss, aux = task_loss_fn(adapted, task.query)
     metrics = {"query_loss": loss, **{f"query_{k}": v for k, v in aux.items()}}
@@ -149,7 +168,7 @@ def batched_meta_loss(
     """Mean ``meta_loss`` over a task batch ``[tasks, n, *features]``.
 
     ``adapt_kwargs`` are ``meta_loss``'s keyword arguments (``num_inner_steps``,
-    ``inner_lr`` or ``inner_update_fn``, ``first_order``). Metrics are task means.
+    ``inner_lr`` or ``inner_update_fn``, ``first_order``, ``remat``). Metrics are task means.
     """
     check_task(tasks, task_axis=True)
 

@@ -1,0 +1,84 @@
+"""Task-parallel training (maml_jax.parallel) over 1, 2, 4, 8 CPU devices equals one device.
+
+The multi-device checks run ``parallel_check.py`` in a subprocess, because
+``--xla_force_host_platform_device_count`` must be set before jax is imported."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import optax
+import pytest
+
+from maml_jax.core import batched_meta_loss
+from maml_jax.data import sinusoid
+from maml_jax.losses import mse_loss
+from maml_jax.models import mlp
+from maml_jax.parallel import default_mesh, loss_to_meta_grad, make_sharded_train_step, replicate, shard_meta_grad
+from maml_jax.train import init_train_state, make_train_step
+from maml_jax.validation import HyperparameterError, ShapeError
+
+CHECK = Path(__file__).with_name("parallel_check.py")
+
+
+def run_check(task_map: str, counts: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, str(CHECK), task_map, counts], capture_output=True, text=True, check=True, env=env, timeout=900
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_same_as_one_device(result: dict, counts: str) -> None:
+    assert result["devices"] == 8
+    for n in counts.split(","):
+        r = result[n]
+        assert r["shards"] == int(n) and r["step"] == 3
+        assert r["moved"] > 1e-3  # training did move the parameters
+        assert r["grads"] < 1e-5 and r["train"] < 1e-5 and r["chunk"] < 1e-5, (n, r)
+
+
+def test_eight_devices_match_one_device():
+    assert_same_as_one_device(run_check("vmap", "8"), "8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_map", ["vmap", "map"])
+def test_one_two_four_eight_devices_match_one_device(task_map):
+    assert_same_as_one_device(run_check(task_map, "1,2,4,8"), "1,2,4,8")
+
+
+def _problem():
+    model = mlp((8,), 1)
+    objective = functools.partial(
+        batched_meta_loss, task_loss_fn=mse_loss(model.apply), num_inner_steps=1, inner_lr=0.01
+    )
+    params = model.init(jax.random.PRNGKey(0), jax.numpy.zeros((4, 1)))
+    return objective, params, sinusoid.sample_tasks(jax.random.PRNGKey(1), 4, 4, 4)
+
+
+def test_sharded_step_on_the_local_devices_equals_the_plain_step():
+    objective, params, tasks = _problem()
+    optimizer = optax.sgd(0.1)
+    state = init_train_state(params, optimizer, jax.random.PRNGKey(2))
+    mesh = default_mesh()
+    sharded, _ = make_sharded_train_step(loss_to_meta_grad(objective), optimizer, mesh)(replicate(state, mesh), tasks)
+    plain, _ = jax.jit(make_train_step(objective, optimizer))(state, tasks)
+    for a, b in zip(jax.tree.leaves(sharded.meta_params), jax.tree.leaves(plain.meta_params), strict=True):
+        assert abs(a - b).max() < 1e-6
+
+
+def test_bad_device_count_and_indivisible_batch_raise():
+    with pytest.raises(HyperparameterError):
+        default_mesh(jax.device_count() + 1)
+    with pytest.raises(HyperparameterError):
+        default_mesh(0)
+    objective, params, tasks = _problem()
+    if jax.device_count() > 1:
+        three = jax.tree.map(lambda x: x[:3], tasks)
+        with pytest.raises(ShapeError):
+            shard_meta_grad(loss_to_meta_grad(objective), default_mesh(2))(params, three, 0)

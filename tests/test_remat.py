@@ -1,0 +1,54 @@
+"""remat (jax.checkpoint around the scanned inner step) changes memory, not numbers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from maml_jax.core import batched_meta_loss, inner_adapt
+from maml_jax.data import sinusoid
+from maml_jax.losses import mse_loss
+from maml_jax.models import mlp
+from maml_jax.validation import HyperparameterError
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize(
+    "policy", [None, jax.checkpoint_policies.dots_with_no_batch_dims_saveable], ids=["nothing_saveable", "dots"]
+)
+def test_meta_gradient_equal_with_and_without_remat(x64, first_order, policy):
+    model = mlp((16, 16), 1, activation="tanh")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((5, 1)))
+    tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), 3, 5, 5)
+    loss = functools.partial(
+        batched_meta_loss,
+        tasks=tasks,
+        task_loss_fn=mse_loss(model.apply),
+        num_inner_steps=4,
+        inner_lr=0.05,
+        first_order=first_order,
+    )
+    (l0, _), g0 = jax.value_and_grad(loss, has_aux=True)(params)
+    (l1, _), g1 = jax.jit(jax.value_and_grad(functools.partial(loss, remat=True, remat_policy=policy), has_aux=True))(
+        params
+    )
+    assert jnp.allclose(l0, l1, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        assert jnp.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert max(float(abs(a).max()) for a in jax.tree.leaves(g0)) > 1e-3
+
+
+def test_remat_policy_without_remat_is_an_error():
+    model = mlp((4,), 1)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 1)))
+    task = sinusoid.sample_tasks(jax.random.PRNGKey(1), 1, 2, 2)
+    with pytest.raises(HyperparameterError, match="remat"):
+        inner_adapt(
+            params,
+            jax.tree.map(lambda x: x[0], task.support),
+            mse_loss(model.apply),
+            num_inner_steps=1,
+            inner_lr=0.1,
+            remat_policy=jax.checkpoint_policies.nothing_saveable,
+        )
