@@ -7,10 +7,12 @@ rates, masks, ...) are further factories with the same signature.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 
 from maml_jax.types import InnerUpdateFn
-from maml_jax.validation import check_learning_rate
+from maml_jax.validation import HyperparameterError, check_learning_rate
 
 
 def sgd(inner_lr) -> InnerUpdateFn:
@@ -20,5 +22,65 @@ def sgd(inner_lr) -> InnerUpdateFn:
     def update(params, grads, step):
         del step
         return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
+
+    return update
+
+
+def meta_sgd(step_sizes) -> InnerUpdateFn:
+    """Meta-SGD (Li et al. 2017, Eq. 2): θ ← θ − α ⊙ ∇L_support(θ), with ``step_sizes`` α a
+    pytree of the same structure and shapes as the parameters (learned, so usually traced)."""
+
+    def update(params, grads, step):
+        del step
+        return jax.tree.map(lambda p, a, g: p - a * g, params, step_sizes, grads)
+
+    return update
+
+
+def _path_name(path) -> str:
+    """``(DictKey('head'), DictKey('kernel'))`` → ``"head/kernel"``."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def mask_from_names(params, predicate: Callable[[str], bool]):
+    """A mask pytree of Python bools with the structure of ``params``: ``predicate(name)`` for
+    each leaf, where ``name`` is its "/"-joined path (``"head/kernel"``, ``"conv_0/bias"``,
+    ``"dense_2/kernel"``). Built from shapes only, so it is static under ``jit`` (big_vision's
+    name-pattern masks)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: bool(predicate(_path_name(path))), params)
+
+
+def masked(update_fn: InnerUpdateFn, mask) -> InnerUpdateFn:
+    """Apply ``update_fn`` only to the leaves where ``mask`` (a pytree of Python bools, e.g. from
+    ``mask_from_names``) is True; the other leaves are returned unchanged (frozen during the
+    inner loop), so their inner gradients are dead code that XLA removes. ANIL (Raghu et al.
+    2020) adapts the head only, BOIL (Oh et al. 2021) the body only."""
+    for leaf in jax.tree.leaves(mask):
+        if not isinstance(leaf, bool):
+            raise HyperparameterError(f"mask leaves must be Python bools (static), got {type(leaf).__name__}")
+
+    def update(params, grads, step):
+        new = update_fn(params, grads, step)
+        return jax.tree.map(lambda m, n, p: n if m else p, mask, new, params)
+
+    return update
+
+
+def proximal(update_fn: InnerUpdateFn, anchor, prox_lambda: float) -> InnerUpdateFn:
+    """The inner update on the proximal objective L(φ) + λ/2 ‖φ − anchor‖² (iMAML, Rajeswaran
+    et al. 2019, Eq. 4): ``update_fn`` receives the gradient ∇L(φ) + λ (φ − anchor)."""
+    check_learning_rate(prox_lambda, "prox_lambda")
+
+    def update(params, grads, step):
+        grads = jax.tree.map(lambda g, p, a: g + prox_lambda * (p - a), grads, params, anchor)
+        return update_fn(params, grads, step)
 
     return update

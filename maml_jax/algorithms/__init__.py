@@ -1,6 +1,8 @@
 """The MAML family as compositions of the core pieces; see ``algorithms.base.Algorithm``."""
 
-from maml_jax.algorithms.base import Algorithm, batched_evaluate, batched_meta_grad
+from maml_jax.algorithms.anil import anil, boil, head_name, masked_maml
+from maml_jax.algorithms.base import Algorithm, batched_evaluate, batched_meta_grad, from_meta_loss
+from maml_jax.algorithms.imaml import hessian_vector_product, imaml, implicit_meta_gradient
 from maml_jax.algorithms.maml import fomaml, maml
 from maml_jax.algorithms.mamlpp import (
     cosine_outer_lr,
@@ -11,6 +13,7 @@ from maml_jax.algorithms.mamlpp import (
     step_indexed_loss,
 )
 from maml_jax.algorithms.meta_lstm import meta_lstm, meta_lstm_loss, meta_lstm_update
+from maml_jax.algorithms.meta_sgd import init_step_sizes, meta_sgd
 from maml_jax.algorithms.protonets import protonets, prototypical_loss
 
 __all__ = ["Algorithm", "batched_evaluate", "batched_meta_grad", "fomaml", "maml"]
@@ -26,4 +29,16 @@ __all__ += [
     "protonets",
     "prototypical_loss",
     "step_indexed_loss",
+]
+__all__ += [
+    "anil",
+    "boil",
+    "from_meta_loss",
+    "head_name",
+    "hessian_vector_product",
+    "imaml",
+    "implicit_meta_gradient",
+    "init_step_sizes",
+    "masked_maml",
+    "meta_sgd",
 ]

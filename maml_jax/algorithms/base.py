@@ -58,3 +58,24 @@ def batched_evaluate(
     """``algorithm.evaluate`` on every task of a batch; metrics stacked ``[tasks]``."""
     check_task(tasks, task_axis=True)
     return map_tasks(lambda t: algorithm.evaluate(meta_params, t, num_inner_steps), tasks, task_map)
+
+
+def from_meta_loss(
+    name: str,
+    loss_fn: Callable[[Params, Task, int], tuple[jax.Array, Metrics]],
+    num_inner_steps: int,
+    init: Callable[[Params], Params] = lambda params: params,
+) -> Algorithm:
+    """An ``Algorithm`` whose meta-gradient is exact backprop of a differentiable meta-loss
+    ``loss_fn(meta_params, task, num_steps) -> (loss, metrics)`` (``core.meta_loss`` with the
+    variant's inner update bound): ``meta_grad`` differentiates it at ``num_inner_steps``,
+    ``evaluate`` returns its metrics at the requested number of steps."""
+
+    def meta_grad(meta_params, task, step):
+        del step
+        return jax.value_and_grad(loss_fn, has_aux=True)(meta_params, task, num_inner_steps)
+
+    def evaluate(meta_params, task, num_steps):
+        return loss_fn(meta_params, task, num_steps)[1]
+
+    return Algorithm(name, init, meta_grad, evaluate)
