@@ -1,9 +1,20 @@
 """Meta-train step throughput: ``python -m maml_jax.bench --workload sinusoid``.
 
 Prints one JSON line per workload: ``{"workload", "it_per_s", "compile_s", ...}``. Shapes
-match ``shared/bench/torch_peers.py`` exactly (second-order MAML, Adam outer update, fixed
-random data, since timing does not depend on values). One iteration is one call of the
-jitted train step, parameters and optimizer state carried from call to call.
+match ``shared/bench/torch_peers.py`` exactly (second-order MAML, Adam outer update, random
+data, since timing does not depend on values). ``it_per_s`` is meta-steps per second. The timed
+program is the training path the library runs (``train.make_sampling_train_chunk``): one
+compiled call runs ``--steps-per-call N`` train steps in a ``lax.scan``, each sampling its task
+batch on device (random images/points of the workload's exact shapes) from
+``fold_in(rng, step)``, parameters and optimizer state carried from step to step.
+``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~1 ms
+step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
+
+``--all --compare-peers`` also runs each PyTorch peer of ``torch_peers.py`` (``--peers-python``
+of the peers' venv, ``--l2l-src`` for learn2learn) on each workload and prints a table of ours
+vs each peer with ratios, the FLOPs per step and the fraction of a measured matmul peak
+(``matmul_peak_gflops``: a 2048x2048 float32 matmul in JAX); ``--json`` prints JSON lines
+instead of the table.
 
 Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot-5w1s``,
 ``omniglot-20w1s``, ``miniimagenet-5w1s`` (cross-entropy). ``--conv-impl`` and ``--task-map``
@@ -20,9 +31,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +46,7 @@ import optax
 from maml_jax.core import batched_meta_loss
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
-from maml_jax.train import init_train_state, make_train_step
+from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step
 from maml_jax.types import Batch, Task
 
 # query = query examples per class (as in torch_peers.py); image shapes are NHWC
@@ -45,6 +60,9 @@ IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "vmap", "miniimagenet-5w1s": "vmap"}
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
+DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
+PEERS = ("torchfunc", "loop", "l2l", "higher")
+PEER_ITERS = {"mlp": (300, 10), "omniglot": (5, 1), "miniimagenet": (5, 1)}  # (iters, warmup) of each peer
 
 
 def _image_tasks(key: jax.Array, w: dict) -> Task:
@@ -62,37 +80,69 @@ def _image_tasks(key: jax.Array, w: dict) -> Task:
     )
 
 
-def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None):
-    """``(jitted train step, train state, task batch, make_step)`` for workload ``name``;
-    ``make_step(task_map)`` builds the same step with another task mapping."""
+def _mlp_tasks(key: jax.Array, w: dict) -> Task:
+    """Random points ``x ~ U(-5, 5)``, ``y ~ N(0, 1)``: ``[tasks, shots|query, 1]``."""
+    kxs, kxq, kys, kyq = jax.random.split(key, 4)
+    xs = jax.random.uniform(kxs, (w["tasks"], w["shots"], 1), minval=-5, maxval=5)
+    xq = jax.random.uniform(kxq, (w["tasks"], w["query"], 1), minval=-5, maxval=5)
+    return Task(Batch(xs, jax.random.normal(kys, xs.shape)), Batch(xq, jax.random.normal(kyq, xq.shape)))
+
+
+def sample_fn(name: str, num_tasks: int | None = None):
+    """``sample(key, data=None) -> Task`` of workload ``name``'s exact shapes (jit-able)."""
     w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
-    key = jax.random.PRNGKey(0)
-    k_init, kxs, kxq, kys, kyq = jax.random.split(key, 5)
+    fn = _mlp_tasks if w["kind"] == "mlp" else _image_tasks
+    return lambda key, data=None: fn(key, w)
+
+
+def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None, **adapt_kwargs):
+    """``(jitted train step, train state, task batch, make_step)`` for workload ``name``;
+    ``make_step(task_map)`` builds the same step with another task mapping, unjitted when
+    called as ``make_step(task_map, jit=False)``. ``adapt_kwargs`` go to ``batched_meta_loss``
+    (e.g. ``num_inner_steps``, ``first_order``, ``remat``) over the workload's."""
+    w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
+    k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
     if w["kind"] == "mlp":
         model = mlp((40, 40), 1)
-        xs = jax.random.uniform(kxs, (w["tasks"], w["shots"], 1), minval=-5, maxval=5)
-        xq = jax.random.uniform(kxq, (w["tasks"], w["query"], 1), minval=-5, maxval=5)
-        tasks = Task(
-            Batch(xs, jax.random.normal(kys, xs.shape)),
-            Batch(xq, jax.random.normal(kyq, xq.shape)),
-        )
         loss_fn = mse_loss(model.apply)
     else:
         model = conv4(w["ways"], dataset=w["kind"], conv_impl=conv_impl)
-        tasks = jax.jit(functools.partial(_image_tasks, w=w))(kxs)
-        xs = tasks.support.x
         loss_fn = cross_entropy_loss(model.apply)
+    tasks = jax.jit(sample_fn(name, num_tasks))(k_tasks)
     optimizer = optax.adam(1e-3)
-    example_x = xs[0]
-    state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, key))(k_init)
+    example_x = tasks.support.x[0]
+    state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, k_state))(k_init)
+    kwargs = dict(num_inner_steps=w["steps"], inner_lr=w["alpha"], **adapt_kwargs)
 
-    def make_step(task_map: str):
-        objective = functools.partial(
-            batched_meta_loss, task_loss_fn=loss_fn, num_inner_steps=w["steps"], inner_lr=w["alpha"], task_map=task_map
-        )
-        return jax.jit(make_train_step(objective, optimizer), donate_argnums=0)
+    def make_step(task_map: str, jit: bool = True):
+        objective = functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
+        step = make_train_step(objective, optimizer)
+        return jax.jit(step, donate_argnums=0) if jit else step
 
     return make_step(task_map), state, tasks, make_step
+
+
+def build_chunk(name: str, task_map: str, steps_per_call: int, conv_impl: str = CONV_IMPLS[0], num_tasks=None):
+    """``(jitted chunk(state, None) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
+    ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step."""
+    _, state, tasks, make_step = build(name, task_map, conv_impl, num_tasks)
+    chunk = make_sampling_train_chunk(make_step(task_map, jit=False), sample_fn(name, num_tasks), steps_per_call)
+    return jax.jit(chunk, donate_argnums=0), state, tasks, make_step
+
+
+def matmul_peak_gflops(n: int = 2048, iters: int = 10, windows: int = 5) -> float:
+    """Achieved GFLOP/s of an ``n x n`` float32 matmul in JAX (``2 n^3`` FLOPs), median window."""
+    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n))
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    rates = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = mm(a, b)
+        jax.block_until_ready(out)
+        rates.append(2 * n**3 * iters / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
 
 
 def _flops(analysis) -> float:
@@ -108,30 +158,36 @@ def measure(
     windows: int = 5,
     conv_impl: str = CONV_IMPLS[0],
     num_tasks: int | None = None,
+    steps_per_call: int | None = None,
 ) -> dict:
-    """Compile, warm up, then time ``iters`` steps split into ``min(windows, iters)`` equal
-    windows; ``it_per_s`` is the median window rate (robust to a noisy neighbour on a shared
-    CPU). ``task_map=None`` takes the workload's default."""
+    """Compile, warm up, then time ``iters`` meta-steps (``iters // steps_per_call`` calls of
+    the fused chunk) split into at most ``windows`` equal windows; ``it_per_s`` (meta-steps/s)
+    is the median window rate (robust to a noisy neighbour on a shared CPU). ``task_map=None``
+    / ``steps_per_call=None`` take the workload's defaults; ``steps_per_call`` is capped at
+    ``iters``."""
     task_map = task_map or DEFAULT_TASK_MAP[name]
-    step, state, tasks, make_step = build(name, task_map, conv_impl, num_tasks)
+    kind = WORKLOADS[name]["kind"]
+    steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
+    chunk, state, tasks, make_step = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks)
     t0 = time.perf_counter()
-    lowered = step.lower(state, tasks)
-    compiled = lowered.compile()
+    compiled = chunk.lower(state, None).compile()
     compile_s = time.perf_counter() - t0
-    # XLA's count on the vmapped program before optimisation (it counts a lax.map body once)
-    flops = _flops((lowered if task_map == "vmap" else make_step("vmap").lower(state, tasks)).cost_analysis())
-    for _ in range(warmup):
-        state, metrics = compiled(state, tasks)
+    # XLA's count for one step of the vmapped program before optimisation (it counts a
+    # lax.map or scan body once)
+    flops = _flops(make_step("vmap").lower(state, tasks).cost_analysis())
+    for _ in range(-(-warmup // steps_per_call)):
+        state, metrics = compiled(state, None)
     jax.block_until_ready(state)
-    windows = max(1, min(windows, iters))
-    per_window = max(1, iters // windows)
+    calls = max(1, iters // steps_per_call)
+    windows = max(1, min(windows, calls))
+    per_window = max(1, calls // windows)
     rates = []
     for _ in range(windows):
         t0 = time.perf_counter()
         for _ in range(per_window):
-            state, metrics = compiled(state, tasks)
+            state, metrics = compiled(state, None)
         jax.block_until_ready(state)
-        rates.append(per_window / (time.perf_counter() - t0))
+        rates.append(per_window * steps_per_call / (time.perf_counter() - t0))
     return {
         "workload": name,
         "it_per_s": statistics.median(rates),
@@ -139,7 +195,8 @@ def measure(
         "it_per_s_max": max(rates),
         "compile_s": compile_s,
         "flops_per_step": flops,
-        "iters": per_window * windows,
+        "iters": per_window * windows * steps_per_call,
+        "steps_per_call": steps_per_call,
         "task_map": task_map,
         "conv_impl": None if WORKLOADS[name]["kind"] == "mlp" else conv_impl,
         "tasks": int(tasks.query.x.shape[0]),
@@ -148,27 +205,111 @@ def measure(
     }
 
 
+def run_peers(
+    name: str, python: str, script: str, peers=PEERS, iters=None, warmup=None, l2l_src=None, timeout=3600
+) -> dict[str, dict]:
+    """Run ``torch_peers.py`` (with the peers' ``python``) on workload ``name``; returns
+    ``{peer: its JSON line}`` for the peers that ran (a missing peer prints nothing there)."""
+    kind = WORKLOADS[name]["kind"]
+    iters, warmup = iters or PEER_ITERS[kind][0], PEER_ITERS[kind][1] if warmup is None else warmup
+    cmd = [python, script, "--workloads", name, "--peers", ",".join(peers), "--iters", str(iters)]
+    env = dict(os.environ, **({"L2L_SRC": l2l_src} if l2l_src else {}))
+    out = subprocess.run(cmd + ["--warmup", str(warmup)], capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode:
+        print(f"warning: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {r["peer"]: r for r in results}
+
+
+def peer_table(results: list[dict], peers=PEERS) -> str:
+    """Markdown table: ours (meta-steps/s, compile s, GFLOP/step, % of matmul peak) and each
+    peer's meta-steps/s with our ratio over it."""
+    head = ["workload", "maml_jax it/s", "compile s", "GFLOP/step", "% matmul peak"]
+    head += [f"{p} it/s (ours/{p})" for p in peers]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        cells = [r["workload"], f"{r['it_per_s']:.3g}", f"{r['compile_s']:.1f}", f"{r['flops_per_step'] / 1e9:.3g}"]
+        cells.append(f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "")
+        for p in peers:
+            peer = r.get("peers", {}).get(p)
+            cells.append(f"{peer['it_per_s']:.3g} ({r['it_per_s'] / peer['it_per_s']:.1f}x)" if peer else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _default_peers_script() -> str:
+    return str(Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_peers.py")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m maml_jax.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="sinusoid", choices=sorted(WORKLOADS) + ["all"])
+    ap.add_argument("--all", action="store_true", help="every workload (= --workload all)")
     ap.add_argument("--iters", type=int, default=None, help="default: 2000 sinusoid, 20 omniglot, 10 miniimagenet")
     ap.add_argument("--warmup", type=int, default=None, help="default: 50 sinusoid, 3 omniglot, 2 miniimagenet")
+    ap.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=None,
+        help="train steps fused in one compiled call (lax.scan); default: 100 sinusoid, 1 images",
+    )
     ap.add_argument(
         "--task-map", default=None, choices=["vmap", "map"], help="default: the workload's (DEFAULT_TASK_MAP)"
     )
     ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
     ap.add_argument("--tasks", type=int, default=None, help="override the task count (tests only; not the bench shape)")
+    ap.add_argument("--compare-peers", action="store_true", help="also run the PyTorch peers; print a table")
+    ap.add_argument("--json", action="store_true", help="with --compare-peers: JSON lines instead of the table")
+    ap.add_argument(
+        "--peers-python",
+        default=os.environ.get("MAML_PEERS_PYTHON", "/tmp/maml-peers/bin/python"),
+        help="python of the peers' venv (shared/bench/setup_peers.sh); env MAML_PEERS_PYTHON",
+    )
+    ap.add_argument("--peers-script", default=_default_peers_script(), help="path of torch_peers.py")
+    ap.add_argument("--l2l-src", default=os.environ.get("L2L_SRC"), help="learn2learn source dir (env L2L_SRC)")
+    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers of torch_peers.py")
+    ap.add_argument("--peer-iters", type=int, default=None, help="default: 300 sinusoid, 5 images")
+    ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     a = ap.parse_args(argv)
     if (a.iters is not None and a.iters <= 0) or (a.warmup is not None and a.warmup < 0):
         ap.error("--iters must be > 0 and --warmup >= 0")
     if a.tasks is not None and a.tasks <= 0:
         ap.error("--tasks must be > 0")
-    names = sorted(WORKLOADS) if a.workload == "all" else [a.workload]
+    if a.steps_per_call is not None and a.steps_per_call <= 0:
+        ap.error("--steps-per-call must be > 0")
+    peers = tuple(p for p in a.peers.split(",") if p)
+    if a.compare_peers and not (Path(a.peers_python).exists() and Path(a.peers_script).exists()):
+        print(
+            f"warning: peers not found ({a.peers_python}, {a.peers_script}); pass --peers-python and "
+            "--peers-script (shared/bench/setup_peers.sh makes the venv). Showing maml_jax only.",
+            file=sys.stderr,
+        )
+        peers = ()
+    names = sorted(WORKLOADS) if a.all or a.workload == "all" else [a.workload]
+    peak = matmul_peak_gflops(a.peak_size) if a.compare_peers else None
+    results = []
     for name in names:
         iters, warmup = DEFAULT_ITERS[WORKLOADS[name]["kind"]]
         iters, warmup = a.iters or iters, warmup if a.warmup is None else a.warmup
-        result = measure(name, iters, warmup, a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks)
-        print(json.dumps(result), flush=True)
+        result = measure(
+            name, iters, warmup, a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks, steps_per_call=a.steps_per_call
+        )
+        if a.compare_peers:
+            result["matmul_peak_gflops"] = peak
+            result["peak_fraction"] = result["flops_per_step"] * result["it_per_s"] / (peak * 1e9)
+            if peers:
+                ran = run_peers(name, a.peers_python, a.peers_script, peers, a.peer_iters, l2l_src=a.l2l_src)
+                result["peers"] = ran
+                result["ratios"] = {p: result["it_per_s"] / r["it_per_s"] for p, r in ran.items()}
+        results.append(result)
+        if not a.compare_peers or a.json:
+            print(json.dumps(result), flush=True)
+    if a.compare_peers and not a.json:
+        print(
+            f"backend {jax.default_backend()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores; matmul peak {peak:.0f} GFLOP/s ({a.peak_size}x{a.peak_size} float32, JAX)"
+        )
+        print(peer_table(results, peers))
     return 0
 
 
