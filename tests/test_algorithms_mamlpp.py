@@ -215,9 +215,19 @@ def test_mamlpp_trains_sinusoid():
     assert result.improved(margin=0.3), (result.before, result.after)
 
 
-@pytest.mark.slow  # ~1-2 min on 2 busy CPU cores (compiles both derivative orders)
-def test_mamlpp_trains_omniglot_subset(omniglot_subset):
-    problem = omniglot_problem(omniglot_subset, num_inner_steps=1)
-    alg = maml_plus_plus(problem.task_loss_fn, num_inner_steps=1, inner_lr=0.4, first_order_iters=50)
-    result = train_briefly(alg, problem, steps=150, outer_lr=1e-3)
-    assert result.improved(margin=0.15), (result.before, result.after)
+@pytest.mark.slow  # ~2 min on 2 busy CPU cores (compiles both derivative orders and both losses)
+def test_mamlpp_with_every_switch_trains_omniglot_subset(omniglot_subset):
+    k = 2
+    problem = omniglot_problem(omniglot_subset, num_inner_steps=k)
+    model = conv4(5, bn="per_step", bn_steps=k)
+    problem = problem._replace(init_params=model.init(jax.random.PRNGKey(0), problem.eval_tasks.support.x[0]))
+    alg = maml_plus_plus(
+        step_indexed_loss(cross_entropy_loss, model.apply),
+        num_inner_steps=k,
+        inner_lr=0.4,
+        msl_anneal_iters=50,
+        first_order_iters=50,
+        loss_takes_step=True,
+    )
+    result = train_briefly(alg, problem, steps=150, optimizer=optax.adam(cosine_outer_lr(1e-3, 150, 1e-4)))
+    assert result.improved(margin=0.1), (result.before, result.after)  # measured 0.526 -> 0.670

@@ -123,7 +123,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="conv_impl"):
         conv4(5, conv_impl="fft")
     with pytest.raises(ValueError, match="bn must be one of"):
-        conv4(5, bn="per_step")
+        conv4(5, bn="running")
+    with pytest.raises(ValueError, match="bn_steps"):
+        conv4(5, bn="per_step", bn_steps=0)
     with pytest.raises(ValueError, match="dataset"):
         conv4(5, dataset="cifar")
     with pytest.raises(ShapeError, match="NHWC"):

@@ -14,7 +14,9 @@ is MAML. The inner loop is ``core.inner_adapt`` (one ``lax.scan``); the fixes ar
 * **Per-step batch norm** (BNWB + BNRS): give a step-indexed loss ``task_loss_fn(params,
   batch, step)`` with ``loss_takes_step=True``, e.g. ``step_indexed_loss(cross_entropy_loss,
   conv4(..., bn="per_step", bn_steps=K).apply)``: inner step i and the query after step i use
-  BN row i (the authors' ``num_step``); statistics are the batch's own at every step.
+  BN row i (the authors' ``num_step``); statistics are the batch's own at every step. The BN
+  scale/bias are adapted in the inner loop like every other parameter (as in this library's
+  MAML); the authors' code leaves them out of the inner loop by default.
 * **Derivative-order annealing (DA)**: first-order meta-gradients for outer iterations
   ``step < first_order_iters``, second order afterwards. The switch is a ``lax.cond`` on the
   traced ``step`` (not vmapped over tasks, so only one branch runs): one compilation, no
