@@ -15,6 +15,7 @@ from maml_jax.algorithms.mamlpp import (
 from maml_jax.algorithms.meta_lstm import meta_lstm, meta_lstm_loss, meta_lstm_update
 from maml_jax.algorithms.meta_sgd import init_step_sizes, meta_sgd
 from maml_jax.algorithms.protonets import protonets, prototypical_loss
+from maml_jax.algorithms.reptile import minibatch_indices, reptile
 
 __all__ = ["Algorithm", "batched_evaluate", "batched_meta_grad", "fomaml", "maml"]
 __all__ += [
@@ -41,4 +42,6 @@ __all__ += [
     "init_step_sizes",
     "masked_maml",
     "meta_sgd",
+    "minibatch_indices",
+    "reptile",
 ]
