@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         "eval", help="meta-test a run directory (finished, or its latest checkpoint)", description=None
     )
     p_eval.add_argument("--run-dir", required=True, help="run directory written by maml-jax train")
-    p_eval.add_argument("--model", default="maml", help="which trained model of the run (default maml)")
+    p_eval.add_argument(
+        "--model", default=None, help="which trained model of the run (default: the meta-learned one, e.g. maml)"
+    )
     p_eval.add_argument("--num-tasks", type=int, default=None, help="meta-test tasks (default: the config's)")
     p_lake = sub.add_parser(
         "eval-lake-runs",
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_lake.add_argument("--run-dir", required=True, help="run directory of a 20-way Omniglot model")
     p_lake.add_argument("--runs", required=True, help="all_runs.zip or its unpacked folder")
-    p_lake.add_argument("--model", default="maml")
+    p_lake.add_argument("--model", default=None, help="which trained model (default: the meta-learned one)")
     p_plot = sub.add_parser(
         "plot",
         help="learning curves of several runs, metric vs inner steps, sinusoid figure (PNG and PDF)",

@@ -50,6 +50,19 @@ class Config:
     num_inner_steps: int = 1
     inner_lr: float = 0.01
     first_order: bool = False
+    # which member of the family trains (maml_jax.algorithms.registry.ALGORITHMS); the options
+    # below are read only by the algorithm their prefix names
+    algorithm: str = "maml"
+    imaml_lambda: float = 2.0  # iMAML proximal strength λ
+    imaml_cg_iters: int = 5  # iMAML conjugate-gradient iterations
+    mamlpp_multi_step_loss: bool = True  # MAML++ MSL
+    mamlpp_msl_anneal_iters: int = 0  # MAML++: iterations over which the MSL weights anneal to the last step
+    mamlpp_learned_inner_lrs: bool = True  # MAML++ LSLR
+    mamlpp_first_order_iters: int = 0  # MAML++ derivative-order annealing: first order before this step
+    mamlpp_per_step_bn: bool = False  # MAML++ per-step BN weights and statistics (conv4 only)
+    cosine_outer_lr: bool = False  # cosine annealing of outer_lr over num_iterations (MAML++ CA)
+    reptile_inner_batch: int = 0  # Reptile: examples per inner step (0 = the whole support set)
+    meta_lstm_hidden: int = 20  # Meta-LSTM hidden units
     # outer loop
     meta_batch_size: int = 25
     outer_lr: float = 1e-3
@@ -109,6 +122,22 @@ class Config:
             raise ConfigError(f"config.eval_inner_steps must all be >= 0, got {self.eval_inner_steps}")
         if any(v <= 0 or not math.isfinite(v) for v in self.baseline_lr_grid):
             raise ConfigError(f"config.baseline_lr_grid must be finite and > 0, got {self.baseline_lr_grid}")
+        from maml_jax.algorithms.registry import ALGORITHMS  # the registry imports this module
+
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"config.algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
+        for key in ("imaml_lambda",):
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
+                raise ConfigError(f"config.{key} must be finite and > 0, got {getattr(self, key)}")
+        for key in ("imaml_cg_iters", "mamlpp_msl_anneal_iters", "mamlpp_first_order_iters", "reptile_inner_batch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config.{key} must be >= 0, got {getattr(self, key)}")
+        if self.meta_lstm_hidden <= 0:
+            raise ConfigError(f"config.meta_lstm_hidden must be > 0, got {self.meta_lstm_hidden}")
+        if self.algorithm == "protonets" and self.dataset == "sinusoid":
+            raise ConfigError("config.algorithm='protonets' is for classification; dataset is 'sinusoid'")
+        if self.mamlpp_per_step_bn and self.model != "conv4":
+            raise ConfigError("config.mamlpp_per_step_bn needs model='conv4' (the MLP has no batch norm)")
         if self.task_map not in ("vmap", "map"):
             raise ConfigError(f"config.task_map must be 'vmap' or 'map', got {self.task_map!r}")
         if self.dataset not in DATASETS:

@@ -24,9 +24,12 @@ import optax
 from tqdm.auto import tqdm
 
 from maml_jax import checkpoint, rundir
+from maml_jax.algorithms.base import Algorithm, batched_meta_grad
+from maml_jax.algorithms.mamlpp import cosine_outer_lr
+from maml_jax.algorithms.registry import build_algorithm
 from maml_jax.config import Config, ConfigError, config_from_dict
 from maml_jax.core import batched_meta_loss
-from maml_jax.evaluate import adaptation_curve
+from maml_jax.evaluate import adaptation_curve, algorithm_curve
 from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import Model
 from maml_jax.task_families import TaskFamily, build_model, build_task_family
@@ -36,10 +39,42 @@ from maml_jax.train import (
     init_train_state,
     make_sampling_train_chunk,
     make_train_step,
+    make_train_step_from_grads,
     raise_if_nonfinite,
 )
 
-METHOD_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrained": "pretrained"}
+METHOD_NAMES = {
+    "maml": "MAML",
+    "fomaml": "FOMAML",
+    "pretrained": "pretrained",
+    "anil": "ANIL",
+    "boil": "BOIL",
+    "meta_sgd": "Meta-SGD",
+    "maml++": "MAML++",
+    "imaml": "iMAML",
+    "protonets": "ProtoNets",
+    "meta_lstm": "Meta-LSTM",
+}
+
+
+def main_label(config: Config) -> str:
+    """The run-directory name of a config's meta-learned model: the algorithm's name
+    (``fomaml`` for first-order MAML)."""
+    if config.algorithm == "maml":
+        return "fomaml" if config.first_order else "maml"
+    return config.algorithm
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """Adam at ``outer_lr``, cosine-annealed over ``num_iterations`` with ``cosine_outer_lr``."""
+    lr = cosine_outer_lr(config.outer_lr, config.num_iterations) if config.cosine_outer_lr else config.outer_lr
+    return optax.adam(lr)
+
+
+def config_algorithm(config: Config, model: Model, task_loss_fn) -> Algorithm | None:
+    """The config's ``Algorithm``; ``None`` for MAML/FOMAML, which train through
+    ``batched_meta_loss`` directly (the same numbers, one gradient call)."""
+    return None if config.algorithm == "maml" else build_algorithm(config, model, task_loss_fn)
 
 
 class NonFiniteTrainingError(NonFiniteLossError):
@@ -114,8 +149,11 @@ def train_model(
     family: TaskFamily,
     *,
     progress: bool = True,
+    algorithm: Algorithm | None = None,
 ) -> Any:
     """Meta-train one model (``num_inner_steps=0`` is joint "pretraining"); returns its params.
+    With ``algorithm``, it supplies the meta-parameters (``algorithm.init``) and the
+    meta-gradient; otherwise MAML with ``config.inner_lr`` / ``config.first_order``.
 
     Resumes from the newest checkpoint in ``workdir/label`` (Orbax ``checkpoints/``, or a legacy
     ``checkpoint.msgpack``). Checkpoints every ``config.checkpoint_every`` steps and at the end,
@@ -127,7 +165,9 @@ def train_model(
     key = jax.random.PRNGKey(config.seed)
     init_key, data_key = jax.random.split(key)
     params = family.model.init(init_key, family.example_x)
-    optimizer = optax.adam(config.outer_lr)
+    if algorithm is not None:
+        params = algorithm.init(params)
+    optimizer = make_optimizer(config)
     state = init_train_state(params, optimizer, data_key)
     label_dir = Path(workdir) / label
     found = checkpoint.restore_latest(label_dir, state, keep=config.checkpoint_keep)
@@ -147,7 +187,11 @@ def train_model(
         first_order=config.first_order,
         task_map=config.task_map,
     )
-    train_step = make_train_step(objective, optimizer)
+    if algorithm is None:
+        train_step = make_train_step(objective, optimizer)
+    else:
+        grads = functools.partial(batched_meta_grad, algorithm, task_map=config.task_map)
+        train_step = make_train_step_from_grads(grads, optimizer)
     chunks: dict[int, Any] = {}  # compiled scans by length (normally one)
 
     def run_chunk(state: TrainState, length: int):
@@ -160,7 +204,12 @@ def train_model(
             return {}
         seed = config.eval_seed + 2  # disjoint from the test tasks (eval_seed) and the lr tuning (+1)
         res = family.evaluate(
-            params, inner_lr=config.inner_lr, seed=seed, num_tasks=config.validate_num_tasks, shots=[config.shots]
+            params,
+            inner_lr=config.inner_lr,
+            seed=seed,
+            num_tasks=config.validate_num_tasks,
+            shots=[config.shots],
+            algorithm=algorithm,
         )
         return {f"val_{family.metric}": res[config.shots][family.metric][max(config.eval_inner_steps)][0]}
 
@@ -257,11 +306,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     rundir.write_run_metadata(workdir, config.to_dict(), config.seed)
     writer = rundir.MetricsWriter(workdir)
     family = build_task_family(config)
-    main_label = "fomaml" if config.first_order else "maml"
+    algorithms = {main_label(config): config_algorithm(config, family.model, family.task_loss_fn)}
     trained = {}
     try:
-        for label, steps in [(main_label, config.num_inner_steps)] + [(name, 0) for name in config.baselines]:
-            trained[label] = train_model(config, workdir, label, steps, writer, family, progress=progress)
+        for label, steps in [(main_label(config), config.num_inner_steps)] + [(name, 0) for name in config.baselines]:
+            trained[label] = train_model(
+                config, workdir, label, steps, writer, family, progress=progress, algorithm=algorithms.get(label)
+            )
     finally:
         writer.close()
 
@@ -277,6 +328,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         by_shots = {}
         for k in eval_shots:
             kw = dict(inner_lr=lrs[k], seed=config.eval_seed, num_tasks=config.eval_num_tasks, shots=[k])
+            kw["algorithm"] = algorithms.get(label)
             by_shots.update(evaluate(params, **kw))
         results[label] = {"inner_lr": lrs, "by_shots": by_shots}
     ways = None if config.dataset == "sinusoid" else config.ways
@@ -286,16 +338,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     )
     (workdir / "eval.md").write_text(table + "\n")
 
-    if config.dataset == "sinusoid":
+    if config.dataset == "sinusoid" and config.algorithm == "maml":  # the figure adapts with SGD
         from maml_jax.plotting import sinusoid_figure  # matplotlib only when a figure is made
 
         sinusoid_figure(config, family.model, trained, results, workdir / "sinusoid_adaptation")
     return {"results": results, "table": table, "workdir": str(workdir)}
 
 
-def load_trained(workdir: str | Path, label: str = "maml") -> tuple[Config, Model, Any, int]:
+def load_trained(workdir: str | Path, label: str | None = None) -> tuple[Config, Model, Any, int]:
     """``(config, model, meta_params, step)`` of a run directory: the final parameters when the
-    run finished, else those of its latest checkpoint (a partial run)."""
+    run finished, else those of its latest checkpoint (a partial run). ``label``: which model
+    of the run (default: the meta-learned one, ``main_label``)."""
     workdir = Path(workdir)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
@@ -303,7 +356,11 @@ def load_trained(workdir: str | Path, label: str = "maml") -> tuple[Config, Mode
     model = build_model(config)
     example = jnp.zeros((1, 1)) if config.model == "mlp" else jnp.zeros((config.ways, *_image_shape(config)))
     params = model.init(jax.random.PRNGKey(0), example)
-    state = init_train_state(params, optax.adam(config.outer_lr), jax.random.PRNGKey(0))
+    label = label or main_label(config)
+    if label == main_label(config):
+        algorithm = config_algorithm(config, model, None)  # only its init is used here
+        params = params if algorithm is None else algorithm.init(params)
+    state = init_train_state(params, make_optimizer(config), jax.random.PRNGKey(0))
     final = workdir / label / "params.msgpack"
     if final.exists():
         return config, model, rundir.load_pytree(final, params), config.num_iterations
@@ -318,16 +375,28 @@ def _image_shape(config: Config) -> tuple[int, int, int]:
     return (28, 28, 1) if config.dataset == "omniglot" else (84, 84, 3)
 
 
-def evaluate_run(workdir: str | Path, *, label: str = "maml", num_tasks: int | None = None) -> dict[str, Any]:
+def _label_algorithm(config: Config, label: str, model: Model, task_loss_fn) -> Algorithm | None:
+    """The algorithm that adapts model ``label`` of a run (``None``: SGD at ``inner_lr``)."""
+    return config_algorithm(config, model, task_loss_fn) if label == main_label(config) else None
+
+
+def evaluate_run(workdir: str | Path, *, label: str | None = None, num_tasks: int | None = None) -> dict[str, Any]:
     """Meta-test evaluation of a (possibly unfinished) run with its own config; writes
-    ``eval-step<N>.json`` / ``.md`` beside it and returns ``{"results", "table", "step"}``."""
+    ``eval-step<N>.json`` / ``.md`` beside it and returns ``{"results", "table", "step"}``.
+    ``label``: which model of the run (default: the meta-learned one)."""
     workdir = Path(workdir)
     config, _, params, step = load_trained(workdir, label)
+    label = label or main_label(config)
     family = build_task_family(config)
     num_tasks = num_tasks or config.eval_num_tasks
     eval_shots = config.eval_shots if config.dataset == "sinusoid" else (config.shots,)
     by_shots = family.evaluate(
-        params, inner_lr=config.inner_lr, seed=config.eval_seed, num_tasks=num_tasks, shots=eval_shots
+        params,
+        inner_lr=config.inner_lr,
+        seed=config.eval_seed,
+        num_tasks=num_tasks,
+        shots=eval_shots,
+        algorithm=_label_algorithm(config, label, family.model, family.task_loss_fn),
     )
     results = {label: {"inner_lr": {k: config.inner_lr for k in eval_shots}, "by_shots": by_shots}}
     ways = None if config.dataset == "sinusoid" else config.ways
@@ -338,13 +407,14 @@ def evaluate_run(workdir: str | Path, *, label: str = "maml", num_tasks: int | N
     return {"results": results, "table": table, "step": step}
 
 
-def evaluate_lake_runs(workdir: str | Path, runs_path: str | Path, *, label: str = "maml") -> dict[str, Any]:
+def evaluate_lake_runs(workdir: str | Path, runs_path: str | Path, *, label: str | None = None) -> dict[str, Any]:
     """Lake et al. (2015) 20-way one-shot runs: adapt on each run's 20 training images with the
     run's inner step size for ``max(config.eval_inner_steps)`` steps, classify its 20 test
     images. Returns per-run accuracy and the mean; needs a 20-way Omniglot model."""
     from maml_jax.data.lake_runs import lake_runs_tasks, load_lake_runs
 
     config, model, params, step = load_trained(workdir, label)
+    label = label or main_label(config)
     if config.dataset != "omniglot" or config.ways != 20:
         raise ConfigError(
             f"eval-lake-runs needs a 20-way Omniglot model; {workdir} was trained with "
@@ -353,7 +423,11 @@ def evaluate_lake_runs(workdir: str | Path, runs_path: str | Path, *, label: str
     runs = load_lake_runs(runs_path)
     steps = max(config.eval_inner_steps)
     loss = cross_entropy_loss(model.apply)
-    curve = jax.jit(lambda p, t: adaptation_curve(p, t, loss, num_inner_steps=steps, inner_lr=config.inner_lr))
+    algorithm = _label_algorithm(config, label, model, loss)
+    if algorithm is None:
+        curve = jax.jit(lambda p, t: adaptation_curve(p, t, loss, num_inner_steps=steps, inner_lr=config.inner_lr))
+    else:
+        curve = jax.jit(lambda p, t: algorithm_curve(algorithm, p, t, [steps]))
     accuracy = np.asarray(curve(params, lake_runs_tasks(runs))["accuracy"][:, -1])
     per_run = {r.name: float(a) for r, a in zip(runs, accuracy, strict=True)}
     return {

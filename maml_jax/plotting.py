@@ -184,7 +184,9 @@ def plot_runs(runs: Sequence[str | Path], path_stem: str | Path) -> list[Path]:
     if any(_latest_eval(r) for r in runs):
         paths += inner_steps_figure(runs, Path(f"{stem}_inner_steps"))
     for run in runs:
-        if (run / "eval.json").is_file() and json.loads((run / "config.json").read_text())["dataset"] == "sinusoid":
+        run_config = json.loads((run / "config.json").read_text())
+        sgd_run = run_config.get("algorithm", "maml") == "maml"  # the figure adapts with SGD
+        if (run / "eval.json").is_file() and run_config["dataset"] == "sinusoid" and sgd_run:
             results = json.loads((run / "eval.json").read_text())["results"]
             trained, config, model = {}, None, None
             for label in results:

@@ -41,7 +41,16 @@ def build_model(config: Config) -> Model:
     """The network a config names: the sinusoid MLP or the paper's conv4."""
     if config.model == "mlp":
         return mlp(config.hidden_sizes, 1, activation=config.activation, kernel_init=config.kernel_init)
-    return conv4(config.ways, dataset=config.dataset, conv_impl=config.conv_impl)
+    # ProtoNets embeds with the body (no head); MAML++ may keep one BN row per inner step
+    per_step = config.algorithm == "maml++" and config.mamlpp_per_step_bn
+    return conv4(
+        config.ways,
+        dataset=config.dataset,
+        conv_impl=config.conv_impl,
+        bn="per_step" if per_step else "transductive",
+        bn_steps=max(config.num_inner_steps, 1) if per_step else 1,
+        head=config.algorithm != "protonets",
+    )
 
 
 def build_task_family(config: Config) -> TaskFamily:

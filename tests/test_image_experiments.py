@@ -111,3 +111,26 @@ def test_eval_lake_runs_refuses_a_5_way_model_and_missing_runs(data_root, tmp_pa
     assert "needs a 20-way Omniglot model" in capsys.readouterr().err
     assert main(["eval", "--run-dir", str(tmp_path / "nothing")]) == 4
     assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("protonets", []),
+        ("maml++", ["--config.mamlpp_per_step_bn=true", "--config.mamlpp_msl_anneal_iters=5"]),
+    ],
+)
+def test_classification_only_algorithm_pieces_train_on_omniglot(algorithm, extra, data_root, tmp_path, monkeypatch):
+    """ProtoNets (conv4 body without head) and MAML++ with per-step BN (conv4 with one BN row
+    per inner step) through the entry point; ``eval`` reloads them and reproduces eval.json."""
+    if not OMNIGLOT.is_dir():
+        pytest.skip(f"Omniglot not found at {OMNIGLOT}")
+    monkeypatch.setenv("MAML_JAX_DATA", str(data_root))
+    workdir = tmp_path / algorithm
+    args = ["train", "omniglot_5w1s", "--workdir", str(workdir), f"--config.data_dir={OMNIGLOT}", *tiny()]
+    assert main(args + [f"--config.algorithm={algorithm}", "--config.num_inner_steps=2", *extra]) == 0
+    accuracy = json.loads((workdir / "eval.json").read_text())["results"][algorithm]["by_shots"]["1"]["accuracy"]
+    assert set(accuracy) == {"0", "1"} and all(0.0 <= v[0] <= 1.0 for v in accuracy.values())
+    assert main(["eval", "--run-dir", str(workdir)]) == 0
+    again = json.loads((workdir / "eval-step2.json").read_text())["results"][algorithm]["by_shots"]["1"]["accuracy"]
+    assert again == accuracy
