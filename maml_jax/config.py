@@ -62,6 +62,7 @@ class Config:
     mamlpp_per_step_bn: bool = False  # MAML++ per-step BN weights and statistics (conv4 only)
     cosine_outer_lr: bool = False  # cosine annealing of outer_lr over num_iterations (MAML++ CA)
     reptile_inner_batch: int = 0  # Reptile: examples per inner step (0 = the whole support set)
+    reptile_inner_optimizer: str = "sgd"  # Reptile inner loop: "sgd" or "adam" (the paper's, beta1 = 0)
     meta_lstm_hidden: int = 20  # Meta-LSTM hidden units
     # outer loop
     meta_batch_size: int = 25
@@ -132,6 +133,9 @@ class Config:
         for key in ("imaml_cg_iters", "mamlpp_msl_anneal_iters", "mamlpp_first_order_iters", "reptile_inner_batch"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config.{key} must be >= 0, got {getattr(self, key)}")
+        if self.reptile_inner_optimizer not in ("sgd", "adam"):
+            got = self.reptile_inner_optimizer
+            raise ConfigError(f"config.reptile_inner_optimizer must be 'sgd' or 'adam', got {got!r}")
         if self.meta_lstm_hidden <= 0:
             raise ConfigError(f"config.meta_lstm_hidden must be > 0, got {self.meta_lstm_hidden}")
         if self.algorithm == "protonets" and self.dataset == "sinusoid":

@@ -18,6 +18,7 @@ from maml_jax.algorithms.mamlpp import maml_plus_plus, step_indexed_loss
 from maml_jax.algorithms.meta_lstm import meta_lstm
 from maml_jax.algorithms.meta_sgd import meta_sgd
 from maml_jax.algorithms.protonets import protonets
+from maml_jax.algorithms.reptile import reptile
 from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import Model
 from maml_jax.types import TaskLossFn
@@ -25,7 +26,7 @@ from maml_jax.types import TaskLossFn
 if TYPE_CHECKING:
     from maml_jax.config import Config
 
-ALGORITHMS = ("maml", "anil", "boil", "meta_sgd", "maml++", "imaml", "protonets", "meta_lstm")
+ALGORITHMS = ("maml", "anil", "boil", "meta_sgd", "maml++", "imaml", "reptile", "protonets", "meta_lstm")
 
 
 def build_algorithm(config: Config, model: Model, task_loss_fn: TaskLossFn) -> Algorithm:
@@ -56,6 +57,15 @@ def build_algorithm(config: Config, model: Model, task_loss_fn: TaskLossFn) -> A
             inner_lr=lr,
             prox_lambda=config.imaml_lambda,
             cg_iters=config.imaml_cg_iters,
+        )
+    if name == "reptile":
+        return reptile(
+            task_loss_fn,
+            num_inner_steps=k,
+            inner_lr=lr,
+            inner_batch_size=config.reptile_inner_batch or None,
+            inner_optimizer=config.reptile_inner_optimizer,
+            seed=config.seed,
         )
     if name == "protonets":
         return protonets(model.apply, ways=config.ways)
