@@ -1,0 +1,103 @@
+"""Train every algorithm of the family on one protocol and write a comparison table.
+
+Each row is one ``maml-jax train`` run (its command is printed and written beside the table),
+so any row can be re-run alone. The protocol is shortened for a 2-core CPU (``--iterations``);
+the published numbers in the README were obtained with the papers' full budgets.
+
+    python experiments/compare_algorithms.py sinusoid --iterations 10000 --out experiments/results/compare_sinusoid
+    python experiments/compare_algorithms.py omniglot_5w1s --iterations 300 --meta-batch 8 \\
+        --eval-tasks 200 --data-dir ../shared/data/omniglot --out experiments/results/compare_omniglot_5w1s
+
+Per-algorithm settings that differ from the config's MAML setup are in ``OVERRIDES`` (e.g.
+Reptile and iMAML need several inner steps to do anything on one gradient step's budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from maml_jax.algorithms.registry import ALGORITHMS
+
+# the extra flags of each row, on top of the config and the shared protocol flags
+OVERRIDES: dict[str, dict[str, list[str]]] = {
+    "sinusoid": {
+        "reptile": ["--config.num_inner_steps=5", "--config.inner_lr=0.02"],
+        "imaml": ["--config.num_inner_steps=5"],
+        "maml++": ["--config.num_inner_steps=5"],
+        "meta_lstm": ["--config.num_inner_steps=5"],
+    },
+    "omniglot": {
+        "reptile": ["--config.num_inner_steps=5", "--config.inner_lr=0.1"],
+        "imaml": ["--config.num_inner_steps=5", "--config.inner_lr=0.1"],
+        "maml++": ["--config.num_inner_steps=5", "--config.inner_lr=0.1"],
+        "meta_lstm": ["--config.num_inner_steps=5", "--config.inner_lr=0.1"],
+    },
+}
+
+
+def rows(config: str) -> list[str]:
+    return [a for a in ALGORITHMS if not (config == "sinusoid" and a == "protonets")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="config name, e.g. sinusoid or omniglot_5w1s")
+    ap.add_argument("--iterations", type=int, required=True)
+    ap.add_argument("--meta-batch", type=int, default=None)
+    ap.add_argument("--eval-tasks", type=int, default=600)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated algorithms (default: all)")
+    ap.add_argument("--out", required=True, help="folder for the run directories and the table")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    family = "sinusoid" if a.config == "sinusoid" else "omniglot"
+    shared = [f"--config.num_iterations={a.iterations}", f"--config.eval_num_tasks={a.eval_tasks}", "--no-progress"]
+    shared += ["--config.baselines="] if family == "sinusoid" else []
+    shared += ["--config.eval_shots=10"] if family == "sinusoid" else []
+    shared += [f"--config.meta_batch_size={a.meta_batch}"] if a.meta_batch else []
+    shared += [f"--config.data_dir={a.data_dir}"] if a.data_dir else []
+    shared += [f"--config.log_every={min(1000, a.iterations)}", f"--config.checkpoint_every={a.iterations}"]
+    shared += [f"--config.steps_per_call={min(100 if family == 'omniglot' else 500, a.iterations)}"]
+    names = a.only.split(",") if a.only else rows(a.config)
+    commands = {}
+    for name in names:
+        flags = [f"--config.algorithm={name}", *OVERRIDES[family].get(name, [])]
+        cmd = ["maml-jax", "train", a.config, "--workdir", str(out / name), *shared, *flags]
+        commands[name] = shlex.join(cmd)
+        print(f"[{time.strftime('%H:%M:%S')}] {commands[name]}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run([sys.executable, "-m", "maml_jax", *cmd[1:]]).returncode
+        print(f"  -> exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+        (out / "commands.json").write_text(json.dumps(commands, indent=1) + "\n")
+    (out / "table.md").write_text(table(out, names, commands) + "\n")
+    print((out / "table.md").read_text())
+    return 0
+
+
+def table(out: Path, names: list[str], commands: dict[str, str]) -> str:
+    lines = ["| algorithm | metric | after 0 steps | after 1 step | after 10 steps | command |", "|" + " --- |" * 6]
+    for name in names:
+        path = out / name / "eval.json"
+        if not path.is_file():
+            lines.append(f"| {name} | (run did not finish) | | | | `{commands.get(name, '')}` |")
+            continue
+        (by_shots,) = json.loads(path.read_text())["results"][name]["by_shots"].values()
+        metric = "mse" if "mse" in by_shots else "accuracy"
+        scale, digits = (1.0, 3) if metric == "mse" else (100.0, 2)
+        cells = [
+            f"{scale * v[0]:.{digits}f} ± {scale * v[1]:.{digits}f}"
+            for _, v in sorted(by_shots[metric].items(), key=lambda kv: int(kv[0]))
+        ]
+        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + f" | `{commands[name]}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
