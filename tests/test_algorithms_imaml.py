@@ -139,6 +139,19 @@ def test_memory_does_not_grow_with_the_number_of_inner_steps():
     assert temp_bytes(maml, 50) > 5 * temp_bytes(maml, 2)  # unrolled MAML stores every step
 
 
+@pytest.mark.usefixtures("x64")
+def test_a_given_inner_update_rule_receives_the_proximal_gradient():
+    task = quadratic_task(jax.random.PRNGKey(3))
+    theta = {"w": jnp.ones(5)}
+    by_lr = imaml(linear_regression_loss, num_inner_steps=4, inner_lr=0.1, prox_lambda=2.0)
+    by_rule = imaml(linear_regression_loss, num_inner_steps=4, inner_update_fn=sgd(0.1), prox_lambda=2.0)
+    (v1, m1), g1 = by_lr.meta_grad(theta, task, jnp.int32(0))
+    (v2, m2), g2 = by_rule.meta_grad(theta, task, jnp.int32(0))
+    np.testing.assert_allclose(v1, v2, rtol=1e-12)
+    np.testing.assert_allclose(g1["w"], g2["w"], rtol=1e-12)
+    np.testing.assert_allclose(by_rule.evaluate(theta, task, 4)["query_loss"], v1, rtol=1e-12)
+
+
 def test_bad_hyperparameters_raise():
     with pytest.raises(HyperparameterError, match="prox_lambda"):
         imaml(linear_regression_loss, num_inner_steps=1, inner_lr=0.1, prox_lambda=0.0)
