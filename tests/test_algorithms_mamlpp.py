@@ -197,7 +197,7 @@ def test_mamlpp_with_per_step_bn_gives_each_step_its_own_bn_gradient():
     tasks = Task(Batch(x, y), Batch(x + 0.1, y))
     params = model.init(jax.random.PRNGKey(1), x[0])
     loss = step_indexed_loss(cross_entropy_loss, model.apply)
-    alg = maml_plus_plus(loss, num_inner_steps=2, inner_lr=0.1, msl_anneal_iters=10, loss_takes_step=True)
+    alg = maml_plus_plus(loss, num_inner_steps=2, inner_lr=0.1, loss_takes_step=True)
     (v, m), g = jax.jit(lambda p: batched_meta_grad(alg, p, tasks, jnp.int32(0)))(alg.init(params))
     assert np.isfinite(float(v))
     scale_grad = g["params"]["bn_1"]["scale"]
@@ -208,9 +208,7 @@ def test_mamlpp_with_per_step_bn_gives_each_step_its_own_bn_gradient():
 
 def test_mamlpp_trains_sinusoid():
     problem = sinusoid_problem(num_inner_steps=2)
-    alg = maml_plus_plus(
-        problem.task_loss_fn, num_inner_steps=2, inner_lr=0.01, msl_anneal_iters=100, first_order_iters=100
-    )
+    alg = maml_plus_plus(problem.task_loss_fn, num_inner_steps=2, inner_lr=0.01, msl_anneal_iters=100)
     result = train_briefly(alg, problem, steps=300, optimizer=optax.adam(cosine_outer_lr(3e-3, 300, 1e-4)))
     assert result.improved(margin=0.3), (result.before, result.after)
 

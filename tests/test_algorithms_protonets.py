@@ -70,7 +70,7 @@ def test_reaches_100_percent_on_linearly_separable_toy_data():
         0,
     )
     alg = protonets(linear_embed, ways=WAYS)
-    result = train_briefly(alg, problem, steps=200, outer_lr=0.05)
+    result = train_briefly(alg, problem, steps=100, outer_lr=0.05)
     assert result.before < 0.9, result.before  # the nuisance dimensions hurt at first
     assert result.after == 1.0, result.after
     # evaluate ignores the number of inner steps
