@@ -112,7 +112,7 @@ def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: i
     optimizer = optax.adam(1e-3)
     example_x = tasks.support.x[0]
     state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, k_state))(k_init)
-    kwargs = dict(num_inner_steps=w["steps"], inner_lr=w["alpha"], **adapt_kwargs)
+    kwargs = {"num_inner_steps": w["steps"], "inner_lr": w["alpha"], **adapt_kwargs}
 
     def make_step(task_map: str, jit: bool = True):
         objective = functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
