@@ -40,6 +40,9 @@ class Config:
     omniglot_split: str = "paper"  # "paper" (1200 train characters) or "lake" (background/evaluation)
     rotations: bool = True  # omniglot: 90° rotations of the training characters are new classes
     conv_impl: str = "patches"  # conv4 convolution: "patches" (im2col + matmul) or "lax"
+    # network compute dtype: "bfloat16" runs the model in bf16 with float32 parameters, loss and
+    # inner-loop accumulation (maml_jax.precision; for GPU/TPU, emulated and slower on CPU)
+    compute_dtype: str = "float32"
     check_dataset_counts: bool = True  # miniimagenet: insist on 64/16/20 classes x 600 images
     # tasks (for regression, shots = support points per task, queries = query points; for
     # classification, ways-way shots-shot with queries query examples per class)
@@ -69,6 +72,9 @@ class Config:
     outer_lr: float = 1e-3
     num_iterations: int = 70_000
     task_map: str = "vmap"
+    # devices the task batch is split over (maml_jax.parallel; gradients averaged across them);
+    # 1 = no sharding, 0 = all of jax.devices(); meta_batch_size must divide evenly
+    num_devices: int = 1
     steps_per_call: int = 500  # train steps fused into one compiled call (device-side sampling)
     log_every: int = 1000
     checkpoint_every: int = 5000
@@ -142,12 +148,21 @@ class Config:
             raise ConfigError("config.algorithm='protonets' is for classification; dataset is 'sinusoid'")
         if self.mamlpp_per_step_bn and self.model != "conv4":
             raise ConfigError("config.mamlpp_per_step_bn needs model='conv4' (the MLP has no batch norm)")
+        if self.num_devices < 0:
+            raise ConfigError(f"config.num_devices must be >= 0 (0 = all devices), got {self.num_devices}")
+        if self.num_devices > 0 and self.meta_batch_size % self.num_devices:
+            raise ConfigError(
+                f"config.meta_batch_size={self.meta_batch_size} does not split evenly over "
+                f"config.num_devices={self.num_devices}"
+            )
         if self.task_map not in ("vmap", "map"):
             raise ConfigError(f"config.task_map must be 'vmap' or 'map', got {self.task_map!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"config.dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
         if self.model not in ("mlp", "conv4"):
             raise ConfigError(f"config.model must be 'mlp' or 'conv4', got {self.model!r}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.conv_impl not in ("patches", "lax"):
             raise ConfigError(f"config.conv_impl must be 'patches' or 'lax', got {self.conv_impl!r}")
         if self.omniglot_split not in ("paper", "lake"):
@@ -255,3 +270,48 @@ def list_configs() -> list[str]:
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.py") if not p.stem.startswith("_"))
     return sorted(names)
+
+
+# fields a resumed run may change: schedule, bookkeeping, evaluation, and how the same
+# mathematics is laid out on the hardware (task mapping, devices: float summation order only)
+RESUMABLE_CHANGES = frozenset(
+    {
+        "name",
+        "num_iterations",
+        "log_every",
+        "checkpoint_every",
+        "checkpoint_keep",
+        "steps_per_call",
+        "validate_num_tasks",
+        "skip_nonfinite",
+        "data_dir",
+        "task_map",
+        "num_devices",
+        "eval_num_tasks",
+        "eval_seed",
+        "eval_shots",
+        "eval_inner_steps",
+        "eval_grid_points",
+        "eval_queries",
+        "eval_batch_tasks",
+        "baselines",
+        "baseline_lr_grid",
+    }
+)
+
+
+def check_resume_compatible(saved: dict, config: Config, where: str) -> None:
+    """Raise ``ConfigError`` if ``config`` changes a field of the run in ``where`` (its saved
+    ``config.json``) that decides the training trajectory, e.g. the algorithm or a learning
+    rate: resuming would silently mix two experiments under one config.json."""
+    old = config_from_dict(saved)
+    changed = [
+        f"{f.name}: {getattr(old, f.name)!r} -> {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(Config)
+        if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{where} holds a run of a different experiment ({'; '.join(changed)}); resuming it would mix "
+            "the two. Use a new --workdir, or the run's own settings to resume it"
+        )

@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from maml_jax import checkpoint, rundir
+from maml_jax import checkpoint, parallel, rundir
 from maml_jax.algorithms.base import Algorithm, batched_meta_grad
 from maml_jax.algorithms.mamlpp import cosine_outer_lr
 from maml_jax.algorithms.registry import build_algorithm
-from maml_jax.config import Config, ConfigError, config_from_dict
+from maml_jax.config import Config, ConfigError, check_resume_compatible, config_from_dict
 from maml_jax.core import batched_meta_loss
 from maml_jax.evaluate import adaptation_curve, algorithm_curve
 from maml_jax.losses import cross_entropy_loss
@@ -140,6 +141,22 @@ def _pending_from_json(obj: dict | None) -> dict[str, np.ndarray] | None:
     return {k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in obj.items()}
 
 
+def device_mesh(config: Config) -> Mesh | None:
+    """The 1-D mesh the task batch is sharded over (``None``: one device, no sharding)."""
+    available = jax.device_count()
+    n = config.num_devices or available
+    if n == 1:
+        return None
+    if n > available:
+        raise ConfigError(
+            f"config.num_devices={n} but JAX sees {available} device(s) ({jax.default_backend()}); on CPU "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting"
+        )
+    if config.meta_batch_size % n:
+        raise ConfigError(f"config.meta_batch_size={config.meta_batch_size} does not split evenly over {n} devices")
+    return parallel.default_mesh(n)
+
+
 def train_model(
     config: Config,
     workdir: Path,
@@ -188,15 +205,24 @@ def train_model(
         task_map=config.task_map,
     )
     if algorithm is None:
-        train_step = make_train_step(objective, optimizer)
+        grads = parallel.loss_to_meta_grad(objective)
     else:
         grads = functools.partial(batched_meta_grad, algorithm, task_map=config.task_map)
+    mesh = device_mesh(config)  # None: one device
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
+    elif algorithm is None:
+        train_step = make_train_step(objective, optimizer)
+    else:
         train_step = make_train_step_from_grads(grads, optimizer)
     chunks: dict[int, Any] = {}  # compiled scans by length (normally one)
 
     def run_chunk(state: TrainState, length: int):
         if length not in chunks:
-            chunks[length] = jax.jit(make_sampling_train_chunk(train_step, family.sample_train, length))
+            if mesh is None:
+                chunks[length] = jax.jit(make_sampling_train_chunk(train_step, family.sample_train, length))
+            else:
+                chunks[length] = parallel.make_sharded_train_chunk(grads, optimizer, family.sample_train, length, mesh)
         return chunks[length](state, family.train_data)
 
     def validate(params) -> dict[str, float]:
@@ -303,6 +329,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     """Train MAML (and baselines) for ``config``, evaluate, write ``workdir``; returns results."""
     config = config.validate()
     workdir = Path(workdir)
+    if (workdir / "config.json").is_file():
+        check_resume_compatible(json.loads((workdir / "config.json").read_text()), config, str(workdir))
     rundir.write_run_metadata(workdir, config.to_dict(), config.seed)
     writer = rundir.MetricsWriter(workdir)
     family = build_task_family(config)

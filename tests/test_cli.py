@@ -62,6 +62,28 @@ def test_resume_matches_uninterrupted_training(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_resuming_with_a_different_experiment_is_refused(tmp_path, capsys):
+    """A workdir holds one experiment: changing the algorithm or a learning rate and re-running
+    must not reuse its checkpoints (or rewrite its config.json); schedule changes may."""
+    work = tmp_path / "run"
+    short = ["--config.num_iterations=100", "--config.steps_per_call=100", "--config.log_every=100", "--no-progress"]
+    short += [
+        "--config.eval_num_tasks=10",
+        "--config.baselines=",
+        "--config.eval_shots=5",
+        "--config.eval_inner_steps=0",
+    ]
+    assert main(["train", "sinusoid", "--workdir", str(work), *short]) == 0
+    saved = (work / "config.json").read_text()
+    capsys.readouterr()
+    assert main(["train", "sinusoid", "--workdir", str(work), *short, "--config.inner_lr=0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "different experiment" in err and "inner_lr: 0.01 -> 0.02" in err and "--workdir" in err
+    assert main(["train", "sinusoid", "--workdir", str(work), *short, "--config.algorithm=anil"]) == 2
+    assert (work / "config.json").read_text() == saved
+    assert main(["train", "sinusoid", "--workdir", str(work), *short, "--config.eval_num_tasks=12"]) == 0
+
+
 def test_bad_config_exits_2_with_the_key_named(capsys):
     assert main(["train", "sinusoid", "--config.inner_rate=0.1"]) == 2
     assert "unknown config key 'inner_rate'" in capsys.readouterr().err

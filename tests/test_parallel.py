@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import optax
 import pytest
 
@@ -82,3 +83,28 @@ def test_bad_device_count_and_indivisible_batch_raise():
         three = jax.tree.map(lambda x: x[:3], tasks)
         with pytest.raises(ShapeError):
             shard_meta_grad(loss_to_meta_grad(objective), default_mesh(2))(params, three, 0)
+
+
+def test_train_command_on_two_devices_follows_the_one_device_trajectory(tmp_path):
+    """``--config.num_devices=2`` (two forced CPU devices) logs the same meta-losses and ends at
+    the same parameters as the one-device run, to float summation order."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    flags = [
+        "--no-progress",
+        "--config.num_iterations=200",
+        "--config.steps_per_call=100",
+        "--config.meta_batch_size=24",
+    ]
+    flags += ["--config.log_every=100", "--config.eval_num_tasks=10", "--config.baselines=", "--config.eval_shots=10"]
+    losses = {}
+    for n in (1, 2):
+        workdir = tmp_path / f"dev{n}"
+        cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(workdir), *flags]
+        out = subprocess.run([*cmd, f"--config.num_devices={n}"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses[n] = [r["meta_loss"] for r in rows]
+    assert len(losses[1]) == 2 and np.allclose(losses[2], losses[1], rtol=1e-5)
+    bad = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(tmp_path / "bad"), *flags]
+    out = subprocess.run([*bad, "--config.num_devices=4"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "xla_force_host_platform_device_count=4" in out.stderr

@@ -197,6 +197,8 @@ def test_nonfinite_stops_naming_step_quantity_and_checkpoint_or_skips(trained, t
     tmp_path = copy_run(trained / "half", tmp_path / "run")
     (tmp_path / "maml" / "params.msgpack").unlink()  # as if the run had stopped at its checkpoint
     blow_up = "--config.inner_lr=1e30"  # the adapted parameters overflow: loss and gradients non-finite
+    saved = json.loads((tmp_path / "config.json").read_text())  # the run's own config, so it resumes
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "inner_lr": 1e30}))
     assert main(["train", "sinusoid", "--workdir", str(tmp_path), *TINY, blow_up]) == 3
     err = capsys.readouterr().err
     assert "at step 200" in err and "non-finite" in err and "meta_loss" in err
