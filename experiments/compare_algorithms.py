@@ -24,12 +24,18 @@ from pathlib import Path
 
 from maml_jax.algorithms.registry import ALGORITHMS
 
+# rows: every registered algorithm, plus first-order MAML (config.algorithm=maml, first_order)
+ROWS = ("maml", "fomaml", *ALGORITHMS[1:])
+
 # the extra flags of each row, on top of the config and the shared protocol flags
 OVERRIDES: dict[str, dict[str, list[str]]] = {
     "sinusoid": {
         "reptile": ["--config.num_inner_steps=5", "--config.inner_lr=0.02"],
+        # λ=2 (the default); λ=10 diverged here at step 4093 (CG on I + H/λ, H indefinite for the
+        # ReLU MLP), and 5 inner steps at α=0.01 stay far from the proximal optimum either way
         "imaml": ["--config.num_inner_steps=5"],
-        "maml++": ["--config.num_inner_steps=5"],
+        # with LSLR the learned step sizes (Adam at 1e-3 from 0.01) diverge by step ~300 here
+        "maml++": ["--config.num_inner_steps=5", "--config.mamlpp_learned_inner_lrs=false"],
         "meta_lstm": ["--config.num_inner_steps=5"],
     },
     "omniglot": {
@@ -42,7 +48,14 @@ OVERRIDES: dict[str, dict[str, list[str]]] = {
 
 
 def rows(config: str) -> list[str]:
-    return [a for a in ALGORITHMS if not (config == "sinusoid" and a == "protonets")]
+    return [a for a in ROWS if not (config == "sinusoid" and a == "protonets")]
+
+
+def algorithm_flags(name: str) -> list[str]:
+    """The config flags that select row ``name``."""
+    if name == "fomaml":
+        return ["--config.algorithm=maml", "--config.first_order=true"]
+    return [f"--config.algorithm={name}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--only", default=None, help="comma-separated algorithms (default: all)")
     ap.add_argument("--out", required=True, help="folder for the run directories and the table")
+    ap.add_argument("--table-only", action="store_true", help="write table.md from the runs already in --out")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,18 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     shared += [f"--config.data_dir={a.data_dir}"] if a.data_dir else []
     shared += [f"--config.log_every={min(1000, a.iterations)}", f"--config.checkpoint_every={a.iterations}"]
     shared += [f"--config.steps_per_call={min(100 if family == 'omniglot' else 500, a.iterations)}"]
-    names = a.only.split(",") if a.only else rows(a.config)
     commands = {}
-    for name in names:
-        flags = [f"--config.algorithm={name}", *OVERRIDES[family].get(name, [])]
-        cmd = ["maml-jax", "train", a.config, "--workdir", str(out / name), *shared, *flags]
-        commands[name] = shlex.join(cmd)
+    for name in rows(a.config):
+        flags = [*algorithm_flags(name), *OVERRIDES[family].get(name, [])]
+        commands[name] = ["maml-jax", "train", a.config, "--workdir", str(out / name), *shared, *flags]
+    commands = {name: shlex.join(cmd) for name, cmd in commands.items()}
+    (out / "commands.json").write_text(json.dumps(commands, indent=1) + "\n")
+    for name in [] if a.table_only else a.only.split(",") if a.only else rows(a.config):
         print(f"[{time.strftime('%H:%M:%S')}] {commands[name]}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, "-m", "maml_jax", *cmd[1:]]).returncode
+        rc = subprocess.run([sys.executable, "-m", "maml_jax", *shlex.split(commands[name])[1:]]).returncode
         print(f"  -> exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
-        (out / "commands.json").write_text(json.dumps(commands, indent=1) + "\n")
-    (out / "table.md").write_text(table(out, names, commands) + "\n")
+    (out / "table.md").write_text(table(out, rows(a.config), commands) + "\n")
     print((out / "table.md").read_text())
     return 0
 
