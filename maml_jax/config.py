@@ -53,6 +53,9 @@ class Config:
     num_inner_steps: int = 1
     inner_lr: float = 0.01
     first_order: bool = False
+    # rematerialise each inner step in the backward pass (jax.checkpoint): memory of a meta-step
+    # nearly flat in num_inner_steps, at the cost of recomputing the inner forward passes (MAML)
+    remat: bool = False
     # which member of the family trains (maml_jax.algorithms.registry.ALGORITHMS); the options
     # below are read only by the algorithm their prefix names
     algorithm: str = "maml"
@@ -144,6 +147,11 @@ class Config:
             raise ConfigError(f"config.reptile_inner_optimizer must be 'sgd' or 'adam', got {got!r}")
         if self.meta_lstm_hidden <= 0:
             raise ConfigError(f"config.meta_lstm_hidden must be > 0, got {self.meta_lstm_hidden}")
+        if self.remat and self.algorithm != "maml":
+            raise ConfigError(
+                f"config.remat applies to algorithm='maml' (and FOMAML); got {self.algorithm!r} "
+                "(iMAML's memory is already independent of the inner steps)"
+            )
         if self.algorithm == "protonets" and self.dataset == "sinusoid":
             raise ConfigError("config.algorithm='protonets' is for classification; dataset is 'sinusoid'")
         if self.mamlpp_per_step_bn and self.model != "conv4":

@@ -203,6 +203,7 @@ def train_model(
         inner_lr=config.inner_lr,
         first_order=config.first_order,
         task_map=config.task_map,
+        remat=config.remat,
     )
     if algorithm is None:
         grads = parallel.loss_to_meta_grad(objective)

@@ -52,3 +52,27 @@ def test_remat_policy_without_remat_is_an_error():
             inner_lr=0.1,
             remat_policy=jax.checkpoint_policies.nothing_saveable,
         )
+
+
+def test_config_remat_trains_the_same_numbers(tmp_path):
+    import json
+
+    from maml_jax.cli import main
+    from maml_jax.config import Config, ConfigError, apply_overrides
+
+    flags = ["--no-progress", "--config.num_iterations=100", "--config.steps_per_call=50", "--config.log_every=50"]
+    flags += [
+        "--config.eval_num_tasks=10",
+        "--config.baselines=",
+        "--config.eval_shots=5",
+        "--config.eval_inner_steps=0",
+    ]
+    flags += ["--config.num_inner_steps=3"]
+    losses = []
+    for remat in ("false", "true"):
+        work = tmp_path / remat
+        assert main(["train", "sinusoid", "--workdir", str(work), *flags, f"--config.remat={remat}"]) == 0
+        losses.append([json.loads(line)["meta_loss"] for line in (work / "metrics.jsonl").read_text().splitlines()])
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    with pytest.raises(ConfigError, match="remat"):
+        apply_overrides(Config(), {"remat": "true", "algorithm": "anil"})
