@@ -13,8 +13,10 @@ stated) with ``num_inner_steps=K`` and reads XLA's ``compiled.memory_analysis()`
 
 Then times ``--time-iters`` calls after one warm-up call (seconds per meta-step). Variants:
 ``maml`` (plain backprop through the inner loop), ``remat`` (``jax.checkpoint`` around each
-inner step, policy ``nothing_saveable``), ``fomaml`` (first order) and ``imaml`` (implicit
-gradient, 5 CG iterations; only when ``maml_jax.algorithms`` has it). Each K restarts from the
+inner step, policy ``nothing_saveable``), ``fomaml`` (first order), ``imaml`` (implicit
+gradient, 5 CG iterations), and ``maml-per-task`` / ``remat-per-task``: the same MAML
+meta-gradient taken per task inside the task map (``algorithms.batched_meta_grad``) instead of
+by differentiating through the map, so that only one task's activations are live at a time. Each K restarts from the
 same parameters and task batch. Numbers are per process on XLA:CPU; on GPU/TPU the same
 script reports the accelerator's buffers.
 """
@@ -31,26 +33,29 @@ import jax
 import optax
 
 from maml_jax import bench
+from maml_jax.algorithms import batched_meta_grad, imaml, maml
 from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import conv4
 from maml_jax.train import make_train_step_from_grads
 
-VARIANTS = ("maml", "remat", "fomaml", "imaml")
+VARIANTS = ("maml", "remat", "fomaml", "imaml", "maml-per-task", "remat-per-task")
 MIB = 2**20
 
 
 def make_step(variant: str, num_inner_steps: int, task_map: str):
     """``(train_step, state, tasks)`` of omniglot-5w1s with ``num_inner_steps`` for ``variant``."""
-    if variant != "imaml":
+    if variant in ("maml", "remat", "fomaml"):
         kwargs = {"maml": {}, "remat": {"remat": True}, "fomaml": {"first_order": True}}[variant]
         _, state, tasks, build_step = bench.build("omniglot-5w1s", task_map, num_inner_steps=num_inner_steps, **kwargs)
         return build_step(task_map, jit=False), state, tasks
-    from maml_jax.algorithms import batched_meta_grad, imaml  # added by another issue; optional here
-
     w = bench.WORKLOADS["omniglot-5w1s"]
     _, state, tasks, _ = bench.build("omniglot-5w1s", task_map)
     loss_fn = cross_entropy_loss(conv4(w["ways"], dataset="omniglot").apply)
-    algorithm = imaml(loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"])
+    if variant == "imaml":
+        algorithm = imaml(loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"])
+    else:  # the MAML meta-gradient taken per task inside the task map, not through it
+        remat = variant == "remat-per-task"
+        algorithm = maml(loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"], remat=remat)
     meta_grad = functools.partial(batched_meta_grad, algorithm, task_map=task_map)
     return make_train_step_from_grads(meta_grad, optax.adam(1e-3)), state, tasks
 
@@ -109,12 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
-    if "imaml" in variants:
-        try:
-            from maml_jax.algorithms import imaml  # noqa: F401
-        except ImportError:
-            print("note: maml_jax.algorithms has no imaml here; skipping it", file=sys.stderr)
-            variants.remove("imaml")
     results = []
     for variant in variants:
         for k in (int(s) for s in a.steps.split(",")):

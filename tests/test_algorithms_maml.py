@@ -20,9 +20,9 @@ def setup():
 
 def test_batched_meta_grad_equals_grad_of_batched_meta_loss():
     loss, params, tasks = setup()
-    for first_order in (False, True):
-        alg = maml(loss, num_inner_steps=2, inner_lr=0.05, first_order=first_order)
-        (value, metrics), grads = batched_meta_grad(alg, alg.init(params), tasks, jnp.int32(0))
+    for first_order, remat, task_map in [(False, False, "vmap"), (True, False, "vmap"), (False, True, "map")]:
+        alg = maml(loss, num_inner_steps=2, inner_lr=0.05, first_order=first_order, remat=remat)
+        (value, metrics), grads = batched_meta_grad(alg, alg.init(params), tasks, jnp.int32(0), task_map=task_map)
         (ref_value, ref_metrics), ref_grads = jax.value_and_grad(batched_meta_loss, has_aux=True)(
             params, tasks, loss, num_inner_steps=2, inner_lr=0.05, first_order=first_order
         )

@@ -12,8 +12,13 @@ from maml_jax.types import TaskLossFn
 from maml_jax.validation import check_learning_rate, check_num_steps
 
 
-def maml(task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float, first_order: bool = False) -> Algorithm:
-    """``meta_params`` are the model's parameters; the meta-gradient is ∇_θ L_query(θ')."""
+def maml(
+    task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float, first_order: bool = False, remat: bool = False
+) -> Algorithm:
+    """``meta_params`` are the model's parameters; the meta-gradient is ∇_θ L_query(θ').
+    ``remat`` rematerialises the inner steps (``core.inner_adapt``). Through
+    ``batched_meta_grad`` each task's gradient is taken inside the task map, so with
+    ``task_map="map"`` only one task's activations are live at a time."""
     check_num_steps(num_inner_steps)
     check_learning_rate(inner_lr, "inner_lr")
 
@@ -26,6 +31,7 @@ def maml(task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float, fir
             num_inner_steps=num_inner_steps,
             inner_lr=inner_lr,
             first_order=first_order,
+            remat=remat,
         )
 
     def evaluate(meta_params, task, num_steps):
