@@ -96,20 +96,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(out: Path, names: list[str], commands: dict[str, str]) -> str:
-    lines = ["| algorithm | metric | after 0 steps | after 1 step | after 10 steps | command |", "|" + " --- |" * 6]
+    """Markdown table of each row's metric after the evaluated inner-step counts (from eval.json)."""
+    found, steps = {}, None
     for name in names:
         path = out / name / "eval.json"
         if not path.is_file():
-            lines.append(f"| {name} | (run did not finish) | | | | `{commands.get(name, '')}` |")
             continue
         (by_shots,) = json.loads(path.read_text())["results"][name]["by_shots"].values()
         metric = "mse" if "mse" in by_shots else "accuracy"
         scale, digits = (1.0, 3) if metric == "mse" else (100.0, 2)
-        cells = [
-            f"{scale * v[0]:.{digits}f} ± {scale * v[1]:.{digits}f}"
-            for _, v in sorted(by_shots[metric].items(), key=lambda kv: int(kv[0]))
-        ]
-        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + f" | `{commands[name]}` |")
+        by_steps = sorted(by_shots[metric].items(), key=lambda kv: int(kv[0]))
+        row_steps = [int(k) for k, _ in by_steps]
+        if steps is not None and row_steps != steps:
+            raise ValueError(f"{name} was evaluated after {row_steps} inner steps, the other rows after {steps}")
+        steps = row_steps
+        found[name] = [metric] + [f"{scale * v[0]:.{digits}f} ± {scale * v[1]:.{digits}f}" for _, v in by_steps]
+    steps = steps or [0, 1, 10]
+    after = [f"after {k} step" + ("" if k == 1 else "s") for k in steps]
+    lines = ["| algorithm | metric | " + " | ".join(after) + " | command |", "|" + " --- |" * (len(steps) + 3)]
+    for name in names:
+        cells = found.get(name, ["(run did not finish)"] + [""] * len(steps))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | `{commands.get(name, '')}` |")
     return "\n".join(lines)
 
 

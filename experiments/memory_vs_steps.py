@@ -46,7 +46,9 @@ def make_step(variant: str, num_inner_steps: int, task_map: str):
     """``(train_step, state, tasks)`` of omniglot-5w1s with ``num_inner_steps`` for ``variant``."""
     if variant in ("maml", "remat", "fomaml"):
         kwargs = {"maml": {}, "remat": {"remat": True}, "fomaml": {"first_order": True}}[variant]
-        _, state, tasks, build_step = bench.build("omniglot-5w1s", task_map, num_inner_steps=num_inner_steps, **kwargs)
+        _, state, tasks, build_step = bench.build(
+            "omniglot-5w1s", task_map, per_task_grads=False, num_inner_steps=num_inner_steps, **kwargs
+        )
         return build_step(task_map, jit=False), state, tasks
     w = bench.WORKLOADS["omniglot-5w1s"]
     _, state, tasks, _ = bench.build("omniglot-5w1s", task_map)

@@ -6,7 +6,9 @@ data, since timing does not depend on values). ``it_per_s`` is meta-steps per se
 program is the training path the library runs (``train.make_sampling_train_chunk``): one
 compiled call runs ``--steps-per-call N`` train steps in a ``lax.scan``, each sampling its task
 batch on device (random images/points of the workload's exact shapes) from
-``fold_in(rng, step)``, parameters and optimizer state carried from step to step.
+``fold_in(rng, step)``, parameters and optimizer state carried from step to step, and each
+task's meta-gradient taken inside the task map (``algorithms.batched_meta_grad``), as
+``maml-jax train`` does.
 ``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~1 ms
 step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
 
@@ -19,11 +21,11 @@ instead of the table.
 Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot-5w1s``,
 ``omniglot-20w1s``, ``miniimagenet-5w1s`` (cross-entropy). ``--conv-impl`` and ``--task-map``
 default to the fastest choice measured on a 2-core CPU (``DEFAULT_TASK_MAP``): ``patches``
-everywhere (``lax`` was 8-20x slower in every combination), ``map`` for omniglot-5w1s and
-``vmap`` for the others (differences of 5-50%, on a noisy machine). On GPU/TPU measure
-``lax``/``vmap`` too. ``--tasks`` overrides the task count (for smoke tests only: the result is
-then not the benchmark shape). ``flops_per_step`` is XLA's count for the vmapped step,
-whichever ``--task-map`` is timed.
+everywhere (``lax`` was 8-20x slower in every combination), ``map`` for the image workloads
+(with per-task gradients, 1.4-1.9x the ``vmap`` rate) and ``vmap`` for the sinusoid (1.3x the
+``map`` rate). On GPU/TPU measure ``lax``/``vmap`` too. ``--tasks`` overrides the task count
+(for smoke tests only: the result is then not the benchmark shape). ``flops_per_step`` is
+XLA's count for the vmapped step, whichever ``--task-map`` is timed.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from maml_jax.algorithms import batched_meta_grad, maml
 from maml_jax.core import batched_meta_loss
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
-from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step
+from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
 from maml_jax.types import Batch, Task
 
 # query = query examples per class (as in torch_peers.py); image shapes are NHWC
@@ -58,7 +61,7 @@ WORKLOADS = {
 }
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
-DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "vmap", "miniimagenet-5w1s": "vmap"}
+DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
 PEERS = ("torchfunc", "loop", "l2l", "higher")
@@ -95,11 +98,23 @@ def sample_fn(name: str, num_tasks: int | None = None):
     return lambda key, data=None: fn(key, w)
 
 
-def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None, **adapt_kwargs):
+def build(
+    name: str,
+    task_map: str,
+    conv_impl: str = CONV_IMPLS[0],
+    num_tasks: int | None = None,
+    per_task_grads: bool = True,
+    **adapt_kwargs,
+):
     """``(jitted train step, train state, task batch, make_step)`` for workload ``name``;
     ``make_step(task_map)`` builds the same step with another task mapping, unjitted when
-    called as ``make_step(task_map, jit=False)``. ``adapt_kwargs`` go to ``batched_meta_loss``
-    (e.g. ``num_inner_steps``, ``first_order``, ``remat``) over the workload's."""
+    called as ``make_step(task_map, jit=False)``. ``adapt_kwargs`` (e.g. ``num_inner_steps``,
+    ``first_order``, ``remat``) override the workload's.
+
+    ``per_task_grads=True`` is what ``maml-jax train`` runs: each task's meta-gradient inside
+    the task map (``batched_meta_grad`` of ``algorithms.maml``); ``False`` differentiates the
+    mapped mean loss (``value_and_grad`` of ``batched_meta_loss``): the same gradient, but
+    through ``lax.map`` it keeps every task's activations for the backward pass."""
     w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
     k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
     if w["kind"] == "mlp":
@@ -115,8 +130,12 @@ def build(name: str, task_map: str, conv_impl: str = CONV_IMPLS[0], num_tasks: i
     kwargs = {"num_inner_steps": w["steps"], "inner_lr": w["alpha"], **adapt_kwargs}
 
     def make_step(task_map: str, jit: bool = True):
-        objective = functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
-        step = make_train_step(objective, optimizer)
+        if per_task_grads:
+            grads = functools.partial(batched_meta_grad, maml(loss_fn, **kwargs), task_map=task_map)
+            step = make_train_step_from_grads(grads, optimizer)
+        else:
+            objective = functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
+            step = make_train_step(objective, optimizer)
         return jax.jit(step, donate_argnums=0) if jit else step
 
     return make_step(task_map), state, tasks, make_step

@@ -35,6 +35,7 @@ def test_table_only_reads_each_row_and_writes_runnable_commands(compare, tmp_pat
     argv = ["sinusoid", "--iterations", "50", "--out", str(tmp_path), "--table-only"]
     assert compare.main(argv) == 0
     table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| algorithm | metric | after 0 steps | after 1 step | after 10 steps |")
     assert table[2].startswith("| maml | mse | 3.000 ± 0.200 | 0.500 ± 0.040 | 0.100 ± 0.010 |")
     assert any(line.startswith("| reptile | (run did not finish)") for line in table)
     commands = json.loads((tmp_path / "commands.json").read_text())
@@ -44,3 +45,17 @@ def test_table_only_reads_each_row_and_writes_runnable_commands(compare, tmp_pat
         assert args[:3] == ["maml-jax", "train", "sinusoid"] and f"{tmp_path / name}" in args
         overrides = dict(a[len("--config.") :].split("=", 1) for a in args if a.startswith("--config."))
         apply_overrides(load_config("sinusoid"), overrides)  # raises ConfigError if invalid
+
+
+def test_table_header_names_the_evaluated_step_counts(compare, tmp_path):
+    """20-way configs evaluate after 0/5/10 steps: the header must say 5, not 1."""
+    for name, steps in [("maml", ["0", "5", "10"]), ("anil", ["0", "5", "10"]), ("boil", ["0", "1", "10"])]:
+        (tmp_path / name).mkdir()
+        accuracy = {k: [0.5, 0.01, 0.5] for k in steps}
+        (tmp_path / name / "eval.json").write_text(
+            json.dumps({"results": {name: {"by_shots": {"1": {"accuracy": accuracy}}}}})
+        )
+    header = compare.table(tmp_path, ["maml", "anil", "reptile"], {}).splitlines()[0]
+    assert header.startswith("| algorithm | metric | after 0 steps | after 5 steps | after 10 steps |")
+    with pytest.raises(ValueError, match="boil was evaluated after"):
+        compare.table(tmp_path, ["maml", "boil"], {})
