@@ -192,6 +192,9 @@ def train_model(
         state, extra, last_ckpt = found
     start = int(state.step)
     total = config.num_iterations
+    dropped = writer.drop_rows_after(label, start)
+    if dropped:
+        print(f"{label}: dropped {dropped} metric row(s) logged after step {start}, the checkpoint resumed from")
     if start >= total:
         return state.meta_params
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import datetime
 import importlib.metadata
+import io
 import json
 import platform
 import subprocess
@@ -118,6 +119,34 @@ class MetricsWriter:
                 if k not in ("run", "step") and isinstance(v, int | float) and not isinstance(v, bool):
                     tb.add_scalar(k, v, global_step=int(row["step"]))
             tb.flush()
+
+    def drop_rows_after(self, run: str, step: int) -> int:
+        """Remove ``run``'s rows logged after ``step`` from ``metrics.jsonl``, ``metrics.csv``
+        and ``timing.jsonl``; returns how many metric rows went. A run resumed from its
+        checkpoint at ``step`` logs those steps again, so a crash between a log row and the
+        next checkpoint leaves no duplicate rows (the files then equal an uninterrupted run's).
+        """
+
+        def later(r: dict) -> bool:
+            return r.get("run") == run and r.get("step") is not None and int(r["step"]) > step
+
+        dropped = 0
+        for path in (self.jsonl, self.timing):
+            if path.exists():
+                lines = path.read_text().splitlines(keepends=True)
+                keep = [line for line in lines if not later(json.loads(line))]
+                if len(keep) != len(lines):
+                    atomic_write_bytes(path, "".join(keep).encode())
+                if path == self.jsonl:
+                    dropped = len(lines) - len(keep)
+        if self.csv.exists() and dropped:
+            with open(self.csv, newline="") as f:
+                header, *rows = list(csv.reader(f))
+            keep = [r for r in rows if not later(dict(zip(header, r, strict=True)))]
+            buf = io.StringIO(newline="")
+            csv.writer(buf).writerows([header, *keep])
+            atomic_write_bytes(self.csv, buf.getvalue().encode())
+        return dropped
 
     def _summary_writer(self, run: str):
         if run not in self._tb:

@@ -169,6 +169,20 @@ def test_resume_from_orbax_and_from_a_legacy_msgpack_checkpoint_is_bitwise_exact
     assert sorted(int(p.name) for p in (part / "maml" / "checkpoints").iterdir()) == [200, 400]
 
 
+def test_resume_after_a_crash_past_the_last_checkpoint_leaves_no_duplicate_rows(trained, tmp_path, capsys):
+    # a crash after the step-300 and step-400 log rows but before the step-400 checkpoint
+    full = trained / "full"
+    run = copy_run(full, tmp_path / "crashed")
+    shutil.rmtree(run / "maml" / "checkpoints" / "400")
+    (run / "maml" / "params.msgpack").unlink()
+    assert main(["train", "sinusoid", "--workdir", str(run), *TINY]) == 0
+    assert "dropped 2 metric row(s) logged after step 200" in capsys.readouterr().out
+    for name in ("metrics.jsonl", "metrics.csv"):
+        assert (full / name).read_bytes() == (run / name).read_bytes(), name
+    timing = [json.loads(line) for line in (run / "timing.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timing] == [100, 200, 300, 400]
+
+
 def test_same_config_and_seed_give_identical_metrics_files(trained, tmp_path):
     a, b = trained / "half", tmp_path / "again"
     assert main(["train", "sinusoid", "--workdir", str(b), *HALF]) == 0
