@@ -1,0 +1,44 @@
+"""experiments/profile_step.py: the op-kind grouping and a real traced sinusoid step."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "profile_step.py"
+_spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
+profile_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_step)
+
+
+def test_op_kinds_fall_into_the_documented_groups():
+    cases = {
+        "ynn_fusion": "matmul",
+        "dot": "matmul",
+        "dot_general": "matmul",
+        "stack": "patches",
+        "slice_bitcast_fusion": "patches",
+        "wrapped_pad": "patches",
+        "transpose_copy_fusion": "layout",
+        "dynamic-slice_bitcast_fusion": "layout",
+        "bitcast_dynamic-update-slice_fusion": "layout",
+        "while": "control",
+        "broadcast_add_fusion": "elementwise",
+        "bitcast_select_fusion": "elementwise",
+    }
+    assert {kind: profile_step.op_group(kind) for kind in cases} == cases
+
+
+def test_traced_sinusoid_step_is_mostly_named_ops_with_matmuls_among_them(capsys):
+    assert profile_step.main(["--workload", "sinusoid", "--steps", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    times = out["s_per_step"]
+    assert out["workload"] == "sinusoid" and all(t >= 0 for t in times.values())
+    matmul = sum(t for k, t in times.items() if profile_step.op_group(k) == "matmul")
+    assert 0 < matmul < sum(times.values())
+    assert not any(k.startswith(profile_step.RUNTIME_EVENTS) for k in times)
+
+
+def test_table_lists_the_top_kinds_and_group_totals():
+    text = profile_step.table({"ynn_fusion": 0.03, "stack": 0.01}, top=1)
+    assert "| ynn_fusion | matmul | 30.0 | 75.0% |" in text and "| stack |" not in text
+    assert "| patches | 10.0 | 25.0% |" in text and "| all ops (summed over threads) | 40.0 | 100% |" in text
