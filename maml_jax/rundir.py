@@ -130,16 +130,18 @@ class MetricsWriter:
         def later(r: dict) -> bool:
             return r.get("run") == run and r.get("step") is not None and int(r["step"]) > step
 
-        dropped = 0
-        for path in (self.jsonl, self.timing):
-            if path.exists():
-                lines = path.read_text().splitlines(keepends=True)
-                keep = [line for line in lines if not later(json.loads(line))]
-                if len(keep) != len(lines):
-                    atomic_write_bytes(path, "".join(keep).encode())
-                if path == self.jsonl:
-                    dropped = len(lines) - len(keep)
-        if self.csv.exists() and dropped:
+        def drop_from_jsonl(path: Path) -> int:
+            if not path.exists():
+                return 0
+            lines = path.read_text().splitlines(keepends=True)
+            keep = [line for line in lines if not later(json.loads(line))]
+            if len(keep) != len(lines):
+                atomic_write_bytes(path, "".join(keep).encode())
+            return len(lines) - len(keep)
+
+        drop_from_jsonl(self.timing)
+        dropped = drop_from_jsonl(self.jsonl)
+        if dropped and self.csv.exists():
             with open(self.csv, newline="") as f:
                 header, *rows = list(csv.reader(f))
             keep = [r for r in rows if not later(dict(zip(header, r, strict=True)))]
