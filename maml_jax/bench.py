@@ -221,6 +221,9 @@ def measure(
         "tasks": int(tasks.query.x.shape[0]),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        # None: the backend's default (TF32 tensor cores for float32 on recent NVIDIA GPUs)
+        "matmul_precision": jax.config.jax_default_matmul_precision,
     }
 
 

@@ -281,7 +281,8 @@ def list_configs() -> list[str]:
 
 
 # fields a resumed run may change: schedule, bookkeeping, evaluation, and how the same
-# mathematics is laid out on the hardware (task mapping, devices: float summation order only)
+# mathematics is laid out on the hardware (task mapping, devices, convolution formulation:
+# float summation order only)
 RESUMABLE_CHANGES = frozenset(
     {
         "name",
@@ -294,6 +295,7 @@ RESUMABLE_CHANGES = frozenset(
         "skip_nonfinite",
         "data_dir",
         "task_map",
+        "conv_impl",
         "num_devices",
         "eval_num_tasks",
         "eval_seed",

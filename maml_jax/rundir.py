@@ -4,6 +4,8 @@ Layout of ``workdir``::
 
     config.json       the resolved config
     run.json          seed, command, git commit, package versions, devices, start time
+    sessions.jsonl    the same, one line per start or resume (a run resumed on another
+                      machine, e.g. a GPU, keeps where each part of it ran)
     metrics.jsonl     one JSON object per log row (``metrics.csv``: the same rows); only
                       values determined by config + seed (timings are in ``timing.jsonl``)
     tb/<label>/       TensorBoard event files of the same scalars
@@ -79,6 +81,8 @@ def write_run_metadata(workdir: Path, config_dict: dict, seed: int) -> None:
         "platform": platform.platform(),
     }
     write_json(workdir / "run.json", meta)
+    with open(workdir / "sessions.jsonl", "a") as f:
+        f.write(json.dumps(meta, sort_keys=True) + "\n")
 
 
 class MetricsWriter:

@@ -56,6 +56,10 @@ def test_resume_matches_uninterrupted_training(tmp_path):
     half = [a if "num_iterations" not in a else "--config.num_iterations=200" for a in TINY]
     assert main(["train", "sinusoid", "--workdir", str(part), *half, *args]) == 0
     assert main(["train", "sinusoid", "--workdir", str(part), *TINY, *args]) == 0  # resumes at 200
+    # run.json describes the latest start; sessions.jsonl keeps every start (where each part ran)
+    sessions = [json.loads(line) for line in (part / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 2 and sessions[-1] == json.loads((part / "run.json").read_text())
+    assert len((full / "sessions.jsonl").read_text().splitlines()) == 1
     a = load_params(full / "maml" / "params.msgpack")
     b = load_params(part / "maml" / "params.msgpack")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
