@@ -16,7 +16,14 @@ step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on
 of the peers' venv, ``--l2l-src`` for learn2learn) on each workload and prints a table of ours
 vs each peer with ratios, the FLOPs per step and the fraction of a measured matmul peak
 (``matmul_peak_gflops``: a 2048x2048 float32 matmul in JAX); ``--json`` prints JSON lines
-instead of the table.
+instead of the table. ``--rounds R`` measures ours and the peers alternately R times and
+reports medians (a shared machine's noise moves single runs by ±20%).
+
+``--cpus N`` runs JAX on N CPUs (``host.limit_cpus``; ``DEFAULT_CPUS``: 1 for the sinusoid,
+whose ~100 tiny kernels per step lose more to cross-thread handoffs than they gain from a
+second core, all for the image workloads); ``cpus`` in the JSON says how many were used. With
+``--compare-peers`` or several workloads a pinned workload runs in a child process, so the
+peers and the peak matmul keep every CPU.
 
 Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot-5w1s``,
 ``omniglot-20w1s``, ``miniimagenet-5w1s`` (cross-entropy). ``--conv-impl`` and ``--task-map``
@@ -47,6 +54,7 @@ import optax
 
 from maml_jax.algorithms import batched_meta_grad, maml
 from maml_jax.core import batched_meta_loss
+from maml_jax.host import available_cpus, limit_cpus
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
 from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
@@ -64,8 +72,11 @@ CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
+# CPUs (affinity mask, host.limit_cpus) the JAX CPU backend runs a workload on; None: all.
+# One core runs the tiny sinusoid step ~1.5x faster on a 2-core CPU (no cross-thread handoffs)
+DEFAULT_CPUS = {"mlp": 1, "omniglot": None, "miniimagenet": None}
 PEERS = ("torchfunc", "loop", "l2l", "higher")
-PEER_ITERS = {"mlp": (300, 10), "omniglot": (5, 1), "miniimagenet": (5, 1)}  # (iters, warmup) of each peer
+PEER_ITERS = {"mlp": (1000, 20), "omniglot": (5, 1), "miniimagenet": (5, 1)}  # (iters, warmup) of each peer
 
 
 def _image_tasks(key: jax.Array, w: dict) -> Task:
@@ -222,9 +233,40 @@ def measure(
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
+        "cpus": len(available_cpus() or []) or os.cpu_count(),  # the CPUs this process may run on
         # None: the backend's default (TF32 tensor cores for float32 on recent NVIDIA GPUs)
         "matmul_precision": jax.config.jax_default_matmul_precision,
     }
+
+
+def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) -> dict:
+    """``measure`` in a fresh ``python -m maml_jax.bench`` limited to ``cpus`` CPUs (the
+    affinity mask must be set before JAX creates its backend, so not in this process)."""
+    cmd = [sys.executable, "-m", "maml_jax.bench", "--workload", name, "--cpus", str(cpus)]
+    cmd += ["--iters", str(iters), "--warmup", str(warmup), "--conv-impl", kwargs.get("conv_impl") or CONV_IMPLS[0]]
+    for flag, key in (("--task-map", "task_map"), ("--tasks", "num_tasks"), ("--steps-per-call", "steps_per_call")):
+        if kwargs.get(key) is not None:
+            cmd += [flag, str(kwargs[key])]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def _combine_rounds(rounds: list[tuple[dict, dict[str, dict]]]) -> dict:
+    """One result from ``[(ours, {peer: result})]`` measured alternately: the last round's
+    fields with ``it_per_s`` (ours and each peer's) the median over rounds, the per-round
+    rates kept as ``it_per_s_rounds``."""
+    result = dict(rounds[-1][0])
+    result["it_per_s_rounds"] = [ours["it_per_s"] for ours, _ in rounds]
+    result["it_per_s"] = statistics.median(result["it_per_s_rounds"])
+    peers = {}
+    for p in rounds[-1][1]:
+        rates = [ran[p]["it_per_s"] for _, ran in rounds if p in ran]
+        peers[p] = dict(rounds[-1][1][p], it_per_s=statistics.median(rates), it_per_s_rounds=rates)
+    if any(ran for _, ran in rounds):
+        result["peers"] = peers
+    return result
 
 
 def run_peers(
@@ -244,13 +286,14 @@ def run_peers(
 
 
 def peer_table(results: list[dict], peers=PEERS) -> str:
-    """Markdown table: ours (meta-steps/s, compile s, GFLOP/step, % of matmul peak) and each
+    """Markdown table: ours (meta-steps/s, CPUs used, compile s, GFLOP/step, % of matmul peak) and each
     peer's meta-steps/s with our ratio over it."""
-    head = ["workload", "maml_jax it/s", "compile s", "GFLOP/step", "% matmul peak"]
+    head = ["workload", "maml_jax it/s", "CPUs", "compile s", "GFLOP/step", "% matmul peak"]
     head += [f"{p} it/s (ours/{p})" for p in peers]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        cells = [r["workload"], f"{r['it_per_s']:.3g}", f"{r['compile_s']:.1f}", f"{r['flops_per_step'] / 1e9:.3g}"]
+        cells = [r["workload"], f"{r['it_per_s']:.3g}", str(r.get("cpus", "")), f"{r['compile_s']:.1f}"]
+        cells.append(f"{r['flops_per_step'] / 1e9:.3g}")
         cells.append(f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "")
         for p in peers:
             peer = r.get("peers", {}).get(p)
@@ -292,6 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers of torch_peers.py")
     ap.add_argument("--peer-iters", type=int, default=None, help="default: 300 sinusoid, 5 images")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
+    ap.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="run JAX on the first N CPUs of this process's affinity mask (Linux); 0: all; "
+        "default: 1 for sinusoid (faster: no cross-thread handoffs for its tiny kernels), all for images",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --compare-peers: measure ours and the peers alternately R times and report "
+        "medians (steadier ratios on a noisy machine)",
+    )
     a = ap.parse_args(argv)
     if (a.iters is not None and a.iters <= 0) or (a.warmup is not None and a.warmup < 0):
         ap.error("--iters must be > 0 and --warmup >= 0")
@@ -299,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tasks must be > 0")
     if a.steps_per_call is not None and a.steps_per_call <= 0:
         ap.error("--steps-per-call must be > 0")
+    if a.cpus is not None and a.cpus < 0 or a.rounds <= 0:
+        ap.error("--cpus must be >= 0 (0: all CPUs) and --rounds > 0")
     peers = tuple(p for p in a.peers.split(",") if p)
     if a.compare_peers and not (Path(a.peers_python).exists() and Path(a.peers_script).exists()):
         print(
@@ -308,21 +367,35 @@ def main(argv: list[str] | None = None) -> int:
         )
         peers = ()
     names = sorted(WORKLOADS) if a.all or a.workload == "all" else [a.workload]
+    cpus_of = {n: a.cpus if a.cpus is not None else DEFAULT_CPUS[WORKLOADS[n]["kind"]] for n in names}
+    # a single workload without peers pins this process; otherwise pinned workloads run in a
+    # child process, so that this one (the peak matmul, other workloads) keeps every CPU
+    in_process = len(names) == 1 and not a.compare_peers
+    if in_process and cpus_of[names[0]]:
+        limit_cpus(cpus_of[names[0]])
     peak = matmul_peak_gflops(a.peak_size) if a.compare_peers else None
     results = []
     for name in names:
         iters, warmup = DEFAULT_ITERS[WORKLOADS[name]["kind"]]
         iters, warmup = a.iters or iters, warmup if a.warmup is None else a.warmup
-        result = measure(
-            name, iters, warmup, a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks, steps_per_call=a.steps_per_call
-        )
+        kwargs = dict(task_map=a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks, steps_per_call=a.steps_per_call)
+        rounds = []
+        for _ in range(a.rounds if a.compare_peers else 1):
+            if in_process or not cpus_of[name]:
+                ours = measure(name, iters, warmup, **kwargs)
+            else:
+                ours = measure_in_child(name, iters, warmup, cpus_of[name], **kwargs)
+            ran = {}
+            if a.compare_peers and peers:
+                ran = run_peers(name, a.peers_python, a.peers_script, peers, a.peer_iters, l2l_src=a.l2l_src)
+            rounds.append((ours, ran))
+        result = _combine_rounds(rounds)
         if a.compare_peers:
             result["matmul_peak_gflops"] = peak
             result["peak_fraction"] = result["flops_per_step"] * result["it_per_s"] / (peak * 1e9)
             if peers:
-                ran = run_peers(name, a.peers_python, a.peers_script, peers, a.peer_iters, l2l_src=a.l2l_src)
-                result["peers"] = ran
-                result["ratios"] = {p: result["it_per_s"] / r["it_per_s"] for p, r in ran.items()}
+                result["peers"] = result.get("peers", {})
+                result["ratios"] = {p: result["it_per_s"] / r["it_per_s"] for p, r in result["peers"].items()}
         results.append(result)
         if not a.compare_peers or a.json:
             print(json.dumps(result), flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
 from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
 from maml_jax.data.cache import DatasetError
+from maml_jax.host import limit_cpus
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
 
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--config", dest="config_opt", default=None, help="same as the positional CONFIG")
     p_train.add_argument("--workdir", default=None, help="run directory (default runs/<name>-<time>); reused to resume")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="run JAX on the first N CPUs (Linux; default all); 1 trains the small sinusoid MLP faster",
+    )
     p_eval = sub.add_parser(
         "eval", help="meta-test a run directory (finished, or its latest checkpoint)", description=None
     )
@@ -120,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         args.config = args.config_opt or args.config
         if args.config is None:
             parser.error("train needs a config: maml-jax train sinusoid (see maml-jax list-configs)")
+        if args.cpus is not None:
+            try:
+                limit_cpus(args.cpus)
+            except (ValueError, RuntimeError) as err:
+                parser.error(f"--cpus: {err}")
         return _train(args, overrides)
     except ConfigError as err:
         print(f"maml-jax: config error: {err}", file=sys.stderr)

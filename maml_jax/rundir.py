@@ -32,6 +32,7 @@ import flax.serialization
 import jax
 
 from maml_jax.files import atomic_write_bytes
+from maml_jax.host import available_cpus
 
 PACKAGES = ("maml_jax", "jax", "jaxlib", "optax", "flax", "chex", "numpy")
 
@@ -78,6 +79,7 @@ def write_run_metadata(workdir: Path, config_dict: dict, seed: int) -> None:
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "versions": package_versions(),
         "devices": [str(d) for d in jax.devices()],
+        "cpus": available_cpus(),  # the affinity mask (maml-jax train --cpus)
         "platform": platform.platform(),
     }
     write_json(workdir / "run.json", meta)

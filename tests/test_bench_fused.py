@@ -52,8 +52,8 @@ def test_compare_peers_table_and_json(tmp_path, capsys, as_json):
         assert "ours/torchfunc" in header and "ours/higher" in header
         cells = [c.strip() for c in row.strip("|").split("|")]
         ours = float(cells[1])  # printed rounded, so the ratio is checked to that precision
-        assert cells[0] == "sinusoid" and cells[7] == "-"
-        peer, ratio = cells[5].split(" ", 1)
+        assert cells[0] == "sinusoid" and cells[2] == "1" and cells[8] == "-"  # sinusoid pinned to 1 CPU
+        peer, ratio = cells[6].split(" ", 1)
         assert peer == "2" and ratio.startswith("(") and ratio.endswith("x)")
         assert float(ratio[1:-2]) == pytest.approx(ours / 2, rel=0.01, abs=0.1)
 

@@ -1,0 +1,52 @@
+"""The host CPUs that JAX's CPU backend runs on.
+
+XLA:CPU sizes its intra-op thread pool from the process's CPU affinity mask when the backend
+is created. For a tiny program such as the sinusoid MLP's meta-step (about a hundred kernels of
+a few microseconds each) handing kernels to other threads costs more than it saves: on a
+2-core machine, one core ran the sinusoid benchmark about 1.5x faster than two (README,
+Speed). ``limit_cpus`` restricts the process to fewer CPUs; it must run before JAX creates
+its backends (the first computation or ``jax.devices()``). Linux only (``os.sched_setaffinity``).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def available_cpus() -> list[int] | None:
+    """The CPUs this process may run on (its affinity mask); ``None`` where the platform
+    does not say (no ``os.sched_getaffinity``, e.g. macOS)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return sorted(os.sched_getaffinity(0))
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - a JAX without the module
+        return False
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+
+
+def limit_cpus(n: int) -> list[int]:
+    """Restrict the calling thread (and the threads and processes it starts later) to the first
+    ``n`` CPUs of its affinity mask, so that XLA:CPU's thread pool has ``n`` threads.
+
+    Returns the CPUs kept. Raises ``ValueError`` for ``n`` outside ``1..available``,
+    ``RuntimeError`` if JAX's backends already exist (the pool size is fixed by then, and
+    pinning its threads onto fewer cores would only slow it down) or the platform cannot set
+    an affinity mask."""
+    cpus = available_cpus()
+    if cpus is None or not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("limiting the CPUs needs os.sched_setaffinity (Linux); run without --cpus")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(cpus):
+        raise ValueError(f"cpus must be an integer in 1..{len(cpus)} (the CPUs this process may use), got {n!r}")
+    if _backends_initialized():
+        raise RuntimeError(
+            "limit_cpus must run before JAX creates its backends (before the first computation or "
+            "jax.devices()): XLA:CPU sizes its thread pool then"
+        )
+    keep = cpus[:n]
+    os.sched_setaffinity(0, keep)
+    return keep
