@@ -304,8 +304,19 @@ def tune_baseline_lr(config: Config, evaluate, params: Any, eval_shots: tuple[in
     return {k: config.baseline_lr_grid[int(np.argmin(v))] for k, v in scores.items()}
 
 
+def _cell(summary: tuple[float, float, float], scale: float, digits: int) -> str:
+    """``mean ± ci95``, plus the median where a few tasks carry the mean (a non-finite value, or
+    a CI wider than the mean: adaptation diverged on some tasks)."""
+    mean, ci, median = (scale * float(v) for v in summary)
+    cell = f"{mean:.{digits}f} ± {ci:.{digits}f}"
+    if not (np.isfinite(mean) and np.isfinite(ci)) or ci > abs(mean):
+        cell += f" (median {median:.{digits}f})"
+    return cell
+
+
 def format_table(results: dict[str, Any], steps: tuple[int, ...], metric: str, ways: int | None = None) -> str:
-    """Markdown table: one row per (model, K), one column per inner-step count."""
+    """Markdown table: one row per (model, K), one column per inner-step count; a cell whose
+    mean is carried by diverged tasks also gives the median."""
     name = {"mse": "MSE", "accuracy": "accuracy (%)"}.get(metric, metric)
     scale = 100.0 if metric == "accuracy" else 1.0
     digits = 2 if metric == "accuracy" else 3
@@ -314,10 +325,7 @@ def format_table(results: dict[str, Any], steps: tuple[int, ...], metric: str, w
     lines = [head, "|" + " --- |" * (2 + len(steps))]
     for label, res in results.items():
         for k, metrics in res["by_shots"].items():
-            cells = [
-                f"{scale * metrics[metric][s][0]:.{digits}f} ± {scale * metrics[metric][s][1]:.{digits}f}"
-                for s in steps
-            ]
+            cells = [_cell(metrics[metric][s], scale, digits) for s in steps]
             row = k if ways is None else f"{ways}-way {k}-shot"
             lines.append(
                 f"| {METHOD_NAMES.get(label, label)} (α={res['inner_lr'][k]:g}) | {row} | " + " | ".join(cells) + " |"
