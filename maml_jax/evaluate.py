@@ -76,13 +76,15 @@ def algorithm_curve(
 
 def summarize_curve(
     curve: dict[str, jax.Array], steps: Sequence[int], columns: Sequence[int] | None = None
-) -> dict[str, dict[int, tuple[float, float, float]]]:
-    """``{metric: {k: (mean, ci95, median)}}`` for each requested step count ``k``. The median
-    shows when a mean is carried by a few tasks whose adaptation diverged. ``columns[i]`` is
-    the step count of curve column ``i`` (default: column k holds step count k)."""
+) -> dict[str, dict[int, tuple[float, float, float, int]]]:
+    """``{metric: {k: (mean, ci95, median, nonfinite)}}`` for each requested step count ``k``.
+    The median (a NaN counted as +inf) and ``nonfinite``, the number of tasks whose value is
+    inf or NaN, show when a mean is carried by a few tasks whose adaptation diverged.
+    ``columns[i]`` is the step count of curve column ``i`` (default: column k holds step count k)."""
     curve = jax.device_get(curve)
     index = {int(k): i for i, k in enumerate(columns)} if columns is not None else {int(k): int(k) for k in steps}
-    return {
-        name: {int(k): (*mean_ci95(values[:, index[k]]), float(np.median(values[:, index[k]]))) for k in steps}
-        for name, values in curve.items()
-    }
+
+    def summary(v: np.ndarray) -> tuple[float, float, float, int]:
+        return (*mean_ci95(v), float(np.median(np.where(np.isnan(v), np.inf, v))), int((~np.isfinite(v)).sum()))
+
+    return {name: {int(k): summary(np.asarray(values[:, index[k]])) for k in steps} for name, values in curve.items()}

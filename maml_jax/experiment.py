@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -304,13 +305,15 @@ def tune_baseline_lr(config: Config, evaluate, params: Any, eval_shots: tuple[in
     return {k: config.baseline_lr_grid[int(np.argmin(v))] for k, v in scores.items()}
 
 
-def _cell(summary: tuple[float, float, float], scale: float, digits: int) -> str:
-    """``mean ± ci95``, plus the median where a few tasks carry the mean (a non-finite value, or
-    a CI wider than the mean: adaptation diverged on some tasks)."""
-    mean, ci, median = (scale * float(v) for v in summary)
+def _cell(summary: Sequence[float], scale: float, digits: int) -> str:
+    """``mean ± ci95``, plus the median (and how many tasks ended non-finite) where a few tasks
+    carry the mean (a non-finite value, or a CI wider than the mean: adaptation diverged on
+    some tasks). ``summary``: ``(mean, ci95, median[, nonfinite])`` of ``summarize_curve``."""
+    mean, ci, median = (scale * float(v) for v in summary[:3])
     cell = f"{mean:.{digits}f} ± {ci:.{digits}f}"
     if not (np.isfinite(mean) and np.isfinite(ci)) or ci > abs(mean):
-        cell += f" (median {median:.{digits}f})"
+        bad = int(summary[3]) if len(summary) > 3 else 0
+        cell += f" (median {median:.{digits}f}" + (f"; {bad} non-finite)" if bad else ")")
     return cell
 
 

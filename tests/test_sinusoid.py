@@ -83,9 +83,18 @@ def test_short_meta_training_improves_post_update_mse():
 def test_eval_table_gives_the_median_where_diverged_tasks_carry_the_mean():
     from maml_jax.experiment import format_table
 
-    by_steps = {0: (3.0, 0.2, 2.9), 1: (0.6, 0.06, 0.5), 10: (float("inf"), float("nan"), 0.148)}
+    by_steps = {0: (3.0, 0.2, 2.9, 0), 1: (0.6, 0.06, 0.5, 0), 10: (float("inf"), float("nan"), 0.148, 2)}
     results = {"maml": {"inner_lr": {5: 0.01, 10: 0.01}, "by_shots": {5: {"mse": by_steps}}}}
     results["maml"]["by_shots"][10] = {"mse": {0: (3.0, 0.2, 2.9), 1: (0.3, 0.03, 0.3), 10: (5.64, 10.33, 0.1)}}
     rows = format_table(results, (0, 1, 10), "mse").splitlines()[2:]
-    assert rows[0].endswith("| 3.000 ± 0.200 | 0.600 ± 0.060 | inf ± nan (median 0.148) |")
+    assert rows[0].endswith("| 3.000 ± 0.200 | 0.600 ± 0.060 | inf ± nan (median 0.148; 2 non-finite) |")
     assert rows[1].endswith("| 0.300 ± 0.030 | 5.640 ± 10.330 (median 0.100) |")
+
+
+def test_summary_counts_diverged_tasks_and_ranks_nan_last():
+    from maml_jax.evaluate import summarize_curve
+
+    values = np.array([[0.1], [0.2], [np.nan], [np.inf], [0.3]])  # [tasks, steps]
+    (mean, ci, median, nonfinite) = summarize_curve({"mse": values}, [0])["mse"][0]
+    assert median == pytest.approx(0.3) and nonfinite == 2 and not np.isfinite(mean)
+    assert summarize_curve({"mse": values[:2]}, [0])["mse"][0][2:] == (pytest.approx(0.15), 0)
