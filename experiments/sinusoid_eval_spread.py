@@ -5,7 +5,7 @@ tasks carry a large mean? Reads a run directory written by ``maml-jax train sinu
 
 Prints, for evaluation seeds 0..n-1, the pre-update and post-update MSE of the run's MAML
 model (K = 5, 10, 20); then the three worst K=5 tasks of the run's own evaluation seed after
-10 steps, with the mean of the remaining tasks.
+10 steps (a NaN ranks worst), with the mean of the remaining tasks.
 """
 
 import argparse
@@ -41,17 +41,18 @@ def main() -> None:
     curve = np.asarray(
         adaptation_curve(params, tasks, mse_loss(model.apply), num_inner_steps=10, inner_lr=config.inner_lr)["loss"]
     )
-    worst = np.argsort(-curve[:, 10])[:3]
+    final = np.where(np.isnan(curve[:, 10]), np.inf, curve[:, 10])  # a NaN task diverged: rank it worst
+    worst = np.argsort(-final)[:3]
     for i in worst:
         print(
             f"task {i}: amplitude {float(fns.amplitude[i]):.2f}, "
             f"support x {np.round(np.sort(tasks.support.x[i, :, 0]), 2)}, "
             f"MSE after 1 step {curve[i, 1]:.3f}, after 10 steps {curve[i, 10]:.3f}"
         )
-    rest = np.delete(curve[:, 10], worst[0])
+    rest = np.delete(final, worst)
     print(
-        f"K=5, 10 steps: mean {curve[:, 10].mean():.3f}, median {np.median(curve[:, 10]):.3f}, "
-        f"mean without the worst task {rest.mean():.3f}"
+        f"K=5, 10 steps: mean {curve[:, 10].mean():.3f}, median {np.median(final):.3f}, "
+        f"{int((~np.isfinite(final)).sum())} non-finite, mean without the 3 worst tasks {rest.mean():.3f}"
     )
 
 
