@@ -18,6 +18,7 @@ import numpy as np
 from maml_jax import adaptation_curve, mse_loss, rundir
 from maml_jax.config import config_from_dict
 from maml_jax.data import sinusoid
+from maml_jax.evaluate import summarize_curve
 from maml_jax.task_families import build_task_family
 
 
@@ -50,9 +51,10 @@ def main() -> None:
             f"MSE after 1 step {curve[i, 1]:.3f}, after 10 steps {curve[i, 10]:.3f}"
         )
     rest = np.delete(final, worst)
+    mean, _, median, nonfinite = summarize_curve({"mse": curve}, [10])["mse"][10]
     print(
-        f"K=5, 10 steps: mean {curve[:, 10].mean():.3f}, median {np.median(final):.3f}, "
-        f"{int((~np.isfinite(final)).sum())} non-finite, mean without the 3 worst tasks {rest.mean():.3f}"
+        f"K=5, 10 steps: mean {mean:.3f}, median {median:.3f}, "
+        f"{nonfinite} non-finite, mean without the 3 worst tasks {rest.mean():.3f}"
     )
 
 

@@ -253,19 +253,18 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def _combine_rounds(rounds: list[tuple[dict, dict[str, dict]]]) -> dict:
-    """One result from ``[(ours, {peer: result})]`` measured alternately: the last round's
-    fields with ``it_per_s`` (ours and each peer's) the median over rounds, the per-round
-    rates kept as ``it_per_s_rounds``."""
+def _combine_rounds(rounds: list[tuple[dict, dict[str, dict] | None]]) -> dict:
+    """One result from ``[(ours, {peer: result} or None)]`` measured alternately: the last
+    round's fields with ``it_per_s`` (ours and each peer's) the median over rounds, the
+    per-round rates kept as ``it_per_s_rounds``; ``peers`` only where peers were run (not None)."""
     result = dict(rounds[-1][0])
     result["it_per_s_rounds"] = [ours["it_per_s"] for ours, _ in rounds]
     result["it_per_s"] = statistics.median(result["it_per_s_rounds"])
-    peers = {}
-    for p in rounds[-1][1]:
-        rates = [ran[p]["it_per_s"] for _, ran in rounds if p in ran]
-        peers[p] = dict(rounds[-1][1][p], it_per_s=statistics.median(rates), it_per_s_rounds=rates)
-    if any(ran for _, ran in rounds):
-        result["peers"] = peers
+    if rounds[-1][1] is not None:
+        result["peers"] = {}
+        for p, last in rounds[-1][1].items():
+            rates = [ran[p]["it_per_s"] for _, ran in rounds if p in ran]
+            result["peers"][p] = dict(last, it_per_s=statistics.median(rates), it_per_s_rounds=rates)
     return result
 
 
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers-script", default=_default_peers_script(), help="path of torch_peers.py")
     ap.add_argument("--l2l-src", default=os.environ.get("L2L_SRC"), help="learn2learn source dir (env L2L_SRC)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers of torch_peers.py")
-    ap.add_argument("--peer-iters", type=int, default=None, help="default: 300 sinusoid, 5 images")
+    ap.add_argument("--peer-iters", type=int, default=None, help="default: 1000 sinusoid, 5 images")
     ap.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     ap.add_argument(
         "--cpus",
@@ -385,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours = measure(name, iters, warmup, **kwargs)
             else:
                 ours = measure_in_child(name, iters, warmup, cpus_of[name], **kwargs)
-            ran = {}
+            ran = None
             if a.compare_peers and peers:
                 ran = run_peers(name, a.peers_python, a.peers_script, peers, a.peer_iters, l2l_src=a.l2l_src)
             rounds.append((ours, ran))
@@ -394,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
             result["matmul_peak_gflops"] = peak
             result["peak_fraction"] = result["flops_per_step"] * result["it_per_s"] / (peak * 1e9)
             if peers:
-                result["peers"] = result.get("peers", {})
                 result["ratios"] = {p: result["it_per_s"] / r["it_per_s"] for p, r in result["peers"].items()}
         results.append(result)
         if not a.compare_peers or a.json:
