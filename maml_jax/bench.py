@@ -73,7 +73,7 @@ DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s"
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
 # CPUs (affinity mask, host.limit_cpus) the JAX CPU backend runs a workload on; None: all.
-# One core runs the tiny sinusoid step ~1.5x faster on a 2-core CPU (no cross-thread handoffs)
+# One core runs the tiny sinusoid step ~1.4x faster on a 2-core CPU (no cross-thread handoffs)
 DEFAULT_CPUS = {"mlp": 1, "omniglot": None, "miniimagenet": None}
 PEERS = ("torchfunc", "loop", "l2l", "higher")
 PEER_ITERS = {"mlp": (1000, 20), "omniglot": (5, 1), "miniimagenet": (5, 1)}  # (iters, warmup) of each peer
