@@ -1,0 +1,117 @@
+"""A/B the speed ideas in ``experiments/results/bench/tried_2026-11-23.md`` that were not kept.
+
+    python experiments/speed_variants.py VARIANT WORKLOAD [--iters N]
+
+Patches one piece of the library in this process, then prints the benchmark's it/s
+(``bench.measure``, 2 warm-up steps). Run variants alternately with ``base`` on a quiet
+machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
+
+* ``base``: nothing patched.
+* ``vjpconv``: stride-1 convolutions as ``lax.conv`` with a custom VJP: the input gradient is a
+  convolution again and the weight gradient 9 matmuls over shifted views, each rule calling
+  the custom functions so that second-order terms stay in the family. No forward mode
+  (``custom_vjp``), so iMAML cannot use it.
+* ``pairmax``: 2x2 max-pool as ``maximum`` of the four strided views.
+* ``relupool``: ReLU after the max-pool instead of before (exact: ReLU is monotone);
+  miniimagenet-5w1s only (the Omniglot net has no max-pool, so it would lose its ReLUs).
+* ``mapbN``: ``lax.map(..., batch_size=N)`` over tasks where the workload uses ``map``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maml_jax import bench
+
+conv4 = importlib.import_module("maml_jax.models.conv4")  # the module (maml_jax.models.conv4 is also a function)
+
+
+def _lax_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _flip_t(k):
+    """The kernel whose convolution with the output gradient is the input gradient."""
+    return jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+
+
+@jax.custom_vjp
+def vjp_conv(x, k):
+    """3x3 stride-1 padding-1 convolution ``[n, H, W, C] x [3, 3, C, F] -> [n, H, W, F]``."""
+    return _lax_conv(x, k)
+
+
+@jax.custom_vjp
+def conv_weight_grad(x, g):
+    """``[3, 3, C, F]``: the kernel gradient of ``vjp_conv`` for output gradient ``g``."""
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g2 = g.reshape(-1, g.shape[-1])
+    views = [xp[:, i : i + h, j : j + w].reshape(-1, c).T @ g2 for i in range(3) for j in range(3)]
+    return jnp.stack(views).reshape(3, 3, c, -1)
+
+
+vjp_conv.defvjp(
+    lambda x, k: (vjp_conv(x, k), (x, k)),
+    lambda res, g: (vjp_conv(g, _flip_t(res[1])), conv_weight_grad(res[0], g)),
+)
+conv_weight_grad.defvjp(
+    lambda x, g: (conv_weight_grad(x, g), (x, g)),
+    lambda res, kbar: (vjp_conv(res[1], _flip_t(kbar)), vjp_conv(res[0], kbar)),
+)
+
+
+def _pairwise_max_pool(x):
+    n, h, w, f = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+
+
+def patch(variant: str) -> None:
+    """Apply one named variant to the library modules of this process."""
+    if variant == "base":
+        return
+    if variant == "vjpconv":
+        patches_conv = conv4.conv3x3
+        conv4.conv3x3 = lambda x, k, stride, impl: vjp_conv(x, k) if stride == 1 else patches_conv(x, k, stride, impl)
+    elif variant == "pairmax":
+        conv4.max_pool2x2 = _pairwise_max_pool
+    elif variant == "relupool":
+        no_relu = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
+        no_relu.relu = lambda x: x
+        conv4.nn = no_relu  # _Conv4 looks nn.relu up at call time
+        pool = conv4.max_pool2x2
+        conv4.max_pool2x2 = lambda x: nn.relu(pool(x))
+    elif variant.startswith("mapb") and variant[4:].isdigit():
+        core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
+        plain, size = core.map_tasks, int(variant[4:])
+
+        def map_tasks(fn, tasks, task_map="vmap"):
+            return jax.lax.map(fn, tasks, batch_size=size) if task_map == "map" else plain(fn, tasks, task_map)
+
+        core.map_tasks = base.map_tasks = map_tasks
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variant")
+    ap.add_argument("workload", choices=sorted(bench.WORKLOADS))
+    ap.add_argument("--iters", type=int, default=5)
+    a = ap.parse_args()
+    if "relupool" in a.variant.split("+") and bench.WORKLOADS[a.workload]["kind"] != "miniimagenet":
+        ap.error("relupool needs a workload with max-pool (miniimagenet-5w1s)")
+    for v in a.variant.split("+"):
+        patch(v)
+    print(a.variant, round(bench.measure(a.workload, iters=a.iters, warmup=2)["it_per_s"], 4), flush=True)
+
+
+if __name__ == "__main__":
+    main()
