@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=None, help="which trained model of the run (default: the meta-learned one, e.g. maml)"
     )
     p_eval.add_argument("--num-tasks", type=int, default=None, help="meta-test tasks (default: the config's)")
+    p_eval.add_argument(
+        "--inner-grad-clip",
+        type=float,
+        default=None,
+        help="clip each inner SGD gradient to this global norm at meta-test (default: the run's config; 0 = none)",
+    )
     p_lake = sub.add_parser(
         "eval-lake-runs",
         help="Lake et al. 20-way one-shot runs with a 20-way Omniglot model; prints one JSON line",
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from maml_jax.experiment import evaluate_run
 
-            out = evaluate_run(args.run_dir, label=args.model, num_tasks=args.num_tasks)
+            out = evaluate_run(
+                args.run_dir, label=args.model, num_tasks=args.num_tasks, inner_grad_clip=args.inner_grad_clip
+            )
             print(f"model at step {out['step']}\n{out['table']}")
             return 0
         if args.command == "plot":

@@ -53,6 +53,9 @@ class Config:
     num_inner_steps: int = 1
     inner_lr: float = 0.01
     first_order: bool = False
+    # rescale each inner gradient to global norm <= inner_grad_clip before the SGD step, in
+    # training (MAML/FOMAML) and in every SGD adaptation at evaluation; 0 = off (the papers')
+    inner_grad_clip: float = 0.0
     # rematerialise each inner step in the backward pass (jax.checkpoint): memory of a meta-step
     # nearly flat in num_inner_steps, at the cost of recomputing the inner forward passes (MAML)
     remat: bool = False
@@ -73,6 +76,7 @@ class Config:
     # outer loop
     meta_batch_size: int = 25
     outer_lr: float = 1e-3
+    outer_grad_clip: float = 0.0  # clip the meta-gradient to this global norm before Adam; 0 = off
     num_iterations: int = 70_000
     task_map: str = "vmap"
     # devices the task batch is split over (maml_jax.parallel; gradients averaged across them);
@@ -122,7 +126,7 @@ class Config:
             )
         if self.num_inner_steps < 0:
             raise ConfigError(f"config.num_inner_steps must be >= 0, got {self.num_inner_steps}")
-        for key in ("inner_lr", "outer_lr"):
+        for key in ("inner_lr", "outer_lr", "inner_grad_clip", "outer_grad_clip"):
             v = getattr(self, key)
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"config.{key} must be finite and >= 0, got {v}")
@@ -151,6 +155,11 @@ class Config:
             raise ConfigError(
                 f"config.remat applies to algorithm='maml' (and FOMAML); got {self.algorithm!r} "
                 "(iMAML's memory is already independent of the inner steps)"
+            )
+        if self.inner_grad_clip and self.algorithm != "maml":
+            raise ConfigError(
+                f"config.inner_grad_clip applies to algorithm='maml' (and FOMAML); got {self.algorithm!r}, "
+                "whose inner update is its own"
             )
         if self.algorithm == "protonets" and self.dataset == "sinusoid":
             raise ConfigError("config.algorithm='protonets' is for classification; dataset is 'sinusoid'")

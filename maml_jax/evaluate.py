@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maml_jax.core import TaskMap, inner_adapt, map_tasks
-from maml_jax.types import Params, Task, TaskLossFn
+from maml_jax.inner_updates import clip_by_global_norm, sgd
+from maml_jax.types import InnerUpdateFn, Params, Task, TaskLossFn
+from maml_jax.validation import HyperparameterError
 
 
 def mean_ci95(values) -> tuple[float, float]:
@@ -30,14 +32,24 @@ def adaptation_curve(
     task_loss_fn: TaskLossFn,
     *,
     num_inner_steps: int,
-    inner_lr: float,
+    inner_lr: float | None = None,
     task_map: TaskMap = "vmap",
+    inner_update_fn: InnerUpdateFn | None = None,
+    inner_grad_clip: float = 0.0,
 ) -> dict[str, jax.Array]:
-    """Query metrics after 0, 1, ..., K inner steps for every task.
+    """Query metrics after 0, 1, ..., K inner steps for every task, adapting with SGD at
+    ``inner_lr`` or with ``inner_update_fn`` (exactly one of the two, as in ``inner_adapt``).
+    ``inner_grad_clip`` > 0 clips each SGD step's gradient to that global norm
+    (``inner_updates.clip_by_global_norm``).
 
     ``tasks``: ``[tasks, n, *features]``. Returns ``{"loss": [tasks, K+1], <aux>: [tasks, K+1]}``
     where column k holds the query metric after k steps.
     """
+
+    if inner_grad_clip:
+        if inner_update_fn is not None:
+            raise HyperparameterError("inner_grad_clip clips plain SGD at inner_lr; wrap inner_update_fn yourself")
+        inner_update_fn, inner_lr = clip_by_global_norm(sgd(inner_lr), inner_grad_clip), None
 
     def query_metrics(p, query):
         loss, aux = task_loss_fn(p, query)
@@ -50,6 +62,7 @@ def adaptation_curve(
             task_loss_fn,
             num_inner_steps=num_inner_steps,
             inner_lr=inner_lr,
+            inner_update_fn=inner_update_fn,
             step_metrics_fn=lambda p: query_metrics(p, task.query),
         )
         final = query_metrics(adapted, task.query)

@@ -9,6 +9,7 @@ resumes each model from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import signal
@@ -67,8 +68,13 @@ def main_label(config: Config) -> str:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """Adam at ``outer_lr``, cosine-annealed over ``num_iterations`` with ``cosine_outer_lr``."""
+    """Adam at ``outer_lr``, cosine-annealed over ``num_iterations`` with ``cosine_outer_lr``;
+    with ``outer_grad_clip`` > 0 the meta-gradient is first clipped to that global norm (the
+    Meta-LSTM paper clips its meta-learner's gradients, Ravi & Larochelle 2017 §4). Without
+    clipping the optimizer state is Adam's alone, so runs from before the option resume."""
     lr = cosine_outer_lr(config.outer_lr, config.num_iterations) if config.cosine_outer_lr else config.outer_lr
+    if config.outer_grad_clip:
+        return optax.chain(optax.clip_by_global_norm(config.outer_grad_clip), optax.adam(lr))
     return optax.adam(lr)
 
 
@@ -209,6 +215,7 @@ def train_model(
         inner_lr=config.inner_lr,
         first_order=config.first_order,
         remat=config.remat,
+        inner_grad_clip=config.inner_grad_clip,
     )
     grads = functools.partial(batched_meta_grad, grad_algorithm, task_map=config.task_map)
     mesh = device_mesh(config)  # None: one device
@@ -419,12 +426,24 @@ def _label_algorithm(config: Config, label: str, model: Model, task_loss_fn) -> 
     return config_algorithm(config, model, task_loss_fn) if label == main_label(config) else None
 
 
-def evaluate_run(workdir: str | Path, *, label: str | None = None, num_tasks: int | None = None) -> dict[str, Any]:
+def evaluate_run(
+    workdir: str | Path,
+    *,
+    label: str | None = None,
+    num_tasks: int | None = None,
+    inner_grad_clip: float | None = None,
+) -> dict[str, Any]:
     """Meta-test evaluation of a (possibly unfinished) run with its own config; writes
     ``eval-step<N>.json`` / ``.md`` beside it and returns ``{"results", "table", "step"}``.
-    ``label``: which model of the run (default: the meta-learned one)."""
+    ``label``: which model of the run (default: the meta-learned one). ``inner_grad_clip``
+    replaces the run's own for the SGD adaptation at meta-test (0 = none); the files are then
+    ``eval-step<N>-clip<c>.*``, so the run's own evaluation is not overwritten."""
     workdir = Path(workdir)
     config, _, params, step = load_trained(workdir, label)
+    suffix = ""
+    if inner_grad_clip is not None:
+        config = dataclasses.replace(config, inner_grad_clip=float(inner_grad_clip)).validate()
+        suffix = f"-clip{inner_grad_clip:g}"
     label = label or main_label(config)
     family = build_task_family(config)
     num_tasks = num_tasks or config.eval_num_tasks
@@ -441,8 +460,9 @@ def evaluate_run(workdir: str | Path, *, label: str | None = None, num_tasks: in
     ways = None if config.dataset == "sinusoid" else config.ways
     table = format_table(results, config.eval_inner_steps, family.metric, ways)
     out = {"step": step, "num_tasks": num_tasks, "seed": config.eval_seed, "results": results}
-    rundir.write_json(workdir / f"eval-step{step}.json", out)
-    (workdir / f"eval-step{step}.md").write_text(table + "\n")
+    out["inner_grad_clip"] = config.inner_grad_clip
+    rundir.write_json(workdir / f"eval-step{step}{suffix}.json", out)
+    (workdir / f"eval-step{step}{suffix}.md").write_text(table + "\n")
     return {"results": results, "table": table, "step": step}
 
 
@@ -464,7 +484,11 @@ def evaluate_lake_runs(workdir: str | Path, runs_path: str | Path, *, label: str
     loss = cross_entropy_loss(model.apply)
     algorithm = _label_algorithm(config, label, model, loss)
     if algorithm is None:
-        curve = jax.jit(lambda p, t: adaptation_curve(p, t, loss, num_inner_steps=steps, inner_lr=config.inner_lr))
+        curve = jax.jit(
+            lambda p, t: adaptation_curve(
+                p, t, loss, num_inner_steps=steps, inner_lr=config.inner_lr, inner_grad_clip=config.inner_grad_clip
+            )
+        )
     else:
         curve = jax.jit(lambda p, t: algorithm_curve(algorithm, p, t, [steps]))
     accuracy = np.asarray(curve(params, lake_runs_tasks(runs))["accuracy"][:, -1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from maml_jax.types import InnerUpdateFn
 from maml_jax.validation import HyperparameterError, check_learning_rate
@@ -33,6 +34,33 @@ def meta_sgd(step_sizes) -> InnerUpdateFn:
     def update(params, grads, step):
         del step
         return jax.tree.map(lambda p, a, g: p - a * g, params, step_sizes, grads)
+
+    return update
+
+
+def clip_by_global_norm(update_fn: InnerUpdateFn, max_norm: float) -> InnerUpdateFn:
+    """Rescale each inner gradient to global norm at most ``max_norm`` before ``update_fn``:
+    g ← g · min(1, c / ‖g‖₂), ‖g‖₂ over all leaves (optax's ``clip_by_global_norm``, applied
+    per task and per inner step). Gradients already inside the ball pass through unchanged,
+    values and derivatives alike (the scale is exactly 1 there); outside it the
+    rescaling is differentiated like any other op, so second-order MAML sees it.
+
+    Plain SGD with a fixed α has no stability guarantee: a task whose support loss is steep
+    (e.g. a large-amplitude sinusoid with bunched support points) can overshoot and diverge
+    over many steps. Clipping bounds each step's length by α·c. The norm is taken over every
+    leaf of ``grads``, frozen ones included, so wrap it around ``masked`` only if that is
+    what you mean."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise HyperparameterError(f"max_norm must be a number > 0, got {max_norm!r}")
+
+    def update(params, grads, step, *loss):
+        sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+        # c/‖g‖ only where ‖g‖ > c; elsewhere rsqrt sees 1, so neither it nor its derivative is
+        # evaluated at 0 (a zero gradient would otherwise give 0·inf = NaN in the meta-gradient)
+        out = sq > max_norm**2
+        scale = jnp.where(out, max_norm * jax.lax.rsqrt(jnp.where(out, sq, 1.0)), 1.0)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        return update_fn(params, grads, step, *loss)
 
     return update
 

@@ -70,12 +70,15 @@ def _sinusoid_family(config: Config) -> TaskFamily:
     model = build_model(config)
     loss = mse_loss(model.apply)
     max_steps = max(config.eval_inner_steps)
+    clip = config.inner_grad_clip
 
     @functools.partial(jax.jit, static_argnames=("algorithm",))
     def curve(params, tasks, inner_lr, algorithm=None):
         if algorithm is not None:
             return algorithm_curve(algorithm, params, tasks, config.eval_inner_steps, "vmap")
-        return adaptation_curve(params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap")
+        return adaptation_curve(
+            params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map="vmap", inner_grad_clip=clip
+        )
 
     def evaluate(
         params: Params,
@@ -143,7 +146,13 @@ def _classification_family(config: Config) -> TaskFamily:
         if algorithm is not None:
             return algorithm_curve(algorithm, params, tasks, config.eval_inner_steps, config.task_map)
         return adaptation_curve(
-            params, tasks, loss, num_inner_steps=max_steps, inner_lr=inner_lr, task_map=config.task_map
+            params,
+            tasks,
+            loss,
+            num_inner_steps=max_steps,
+            inner_lr=inner_lr,
+            task_map=config.task_map,
+            inner_grad_clip=config.inner_grad_clip,
         )
 
     def evaluate(

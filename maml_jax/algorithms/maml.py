@@ -8,19 +8,31 @@ import jax
 
 from maml_jax.algorithms.base import Algorithm
 from maml_jax.core import meta_loss
+from maml_jax.inner_updates import clip_by_global_norm, sgd
 from maml_jax.types import TaskLossFn
 from maml_jax.validation import check_learning_rate, check_num_steps
 
 
 def maml(
-    task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float, first_order: bool = False, remat: bool = False
+    task_loss_fn: TaskLossFn,
+    *,
+    num_inner_steps: int,
+    inner_lr: float,
+    first_order: bool = False,
+    remat: bool = False,
+    inner_grad_clip: float = 0.0,
 ) -> Algorithm:
     """``meta_params`` are the model's parameters; the meta-gradient is ∇_θ L_query(θ').
-    ``remat`` rematerialises the inner steps (``core.inner_adapt``). Through
+    ``remat`` rematerialises the inner steps (``core.inner_adapt``). ``inner_grad_clip`` > 0
+    clips each inner gradient to that global norm (``inner_updates.clip_by_global_norm``), in
+    training and in ``evaluate``; second order differentiates through the clipping. Through
     ``batched_meta_grad`` each task's gradient is taken inside the task map, so with
     ``task_map="map"`` only one task's activations are live at a time."""
     check_num_steps(num_inner_steps)
     check_learning_rate(inner_lr, "inner_lr")
+    rule = {"inner_lr": inner_lr}
+    if inner_grad_clip:
+        rule = {"inner_update_fn": clip_by_global_norm(sgd(inner_lr), inner_grad_clip)}
 
     def meta_grad(meta_params, task, step):
         del step
@@ -29,13 +41,13 @@ def maml(
             task,
             task_loss_fn,
             num_inner_steps=num_inner_steps,
-            inner_lr=inner_lr,
             first_order=first_order,
             remat=remat,
+            **rule,
         )
 
     def evaluate(meta_params, task, num_steps):
-        _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_lr=inner_lr)
+        _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, **rule)
         return metrics
 
     return Algorithm("fomaml" if first_order else "maml", lambda params: params, meta_grad, evaluate)

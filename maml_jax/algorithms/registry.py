@@ -33,7 +33,9 @@ def build_algorithm(config: Config, model: Model, task_loss_fn: TaskLossFn) -> A
     """The ``Algorithm`` a config names, over ``model`` (``model.apply`` embeds for ProtoNets)."""
     name, k, lr, fo = config.algorithm, config.num_inner_steps, config.inner_lr, config.first_order
     if name == "maml":
-        return maml(task_loss_fn, num_inner_steps=k, inner_lr=lr, first_order=fo)
+        return maml(
+            task_loss_fn, num_inner_steps=k, inner_lr=lr, first_order=fo, inner_grad_clip=config.inner_grad_clip
+        )
     if name in ("anil", "boil"):
         return (anil if name == "anil" else boil)(task_loss_fn, num_inner_steps=k, inner_lr=lr, first_order=fo)
     if name == "meta_sgd":
