@@ -40,7 +40,14 @@ def main() -> None:
         print(f"{seed} | " + " | ".join(cells))
     tasks, fns = sinusoid.sample_eval_tasks(jax.random.PRNGKey(config.eval_seed), config.eval_num_tasks, 5)
     curve = np.asarray(
-        adaptation_curve(params, tasks, mse_loss(model.apply), num_inner_steps=10, inner_lr=config.inner_lr)["loss"]
+        adaptation_curve(
+            params,
+            tasks,
+            mse_loss(model.apply),
+            num_inner_steps=10,
+            inner_lr=config.inner_lr,
+            inner_grad_clip=config.inner_grad_clip,
+        )["loss"]
     )
     final = np.where(np.isnan(curve[:, 10]), np.inf, curve[:, 10])  # a NaN task diverged: rank it worst
     worst = np.argsort(-final)[:3]

@@ -380,7 +380,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     ways = None if config.dataset == "sinusoid" else config.ways
     table = format_table(results, config.eval_inner_steps, family.metric, ways)
     rundir.write_json(
-        workdir / "eval.json", {"num_tasks": config.eval_num_tasks, "seed": config.eval_seed, "results": results}
+        workdir / "eval.json",
+        {
+            "num_tasks": config.eval_num_tasks,
+            "seed": config.eval_seed,
+            "inner_grad_clip": config.inner_grad_clip,
+            "results": results,
+        },
     )
     (workdir / "eval.md").write_text(table + "\n")
 

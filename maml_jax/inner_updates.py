@@ -7,10 +7,13 @@ rates, masks, ...) are further factories with the same signature.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from numbers import Real
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maml_jax.types import InnerUpdateFn
 from maml_jax.validation import HyperparameterError, check_learning_rate
@@ -49,16 +52,21 @@ def clip_by_global_norm(update_fn: InnerUpdateFn, max_norm: float) -> InnerUpdat
     (e.g. a large-amplitude sinusoid with bunched support points) can overshoot and diverge
     over many steps. Clipping bounds each step's length by α·c. The norm is taken over every
     leaf of ``grads``, frozen ones included, so wrap it around ``masked`` only if that is
-    what you mean."""
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+    what you mean. A gradient whose squared norm overflows its dtype (‖g‖ > ~1.8e19 in
+    float32) gets a zero step rather than a NaN one."""
+    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, (Real, np.floating, np.integer)):
         raise HyperparameterError(f"max_norm must be a number > 0, got {max_norm!r}")
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise HyperparameterError(f"max_norm must be finite and > 0, got {max_norm!r}")
 
     def update(params, grads, step, *loss):
         sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
         # c/‖g‖ only where ‖g‖ > c; elsewhere rsqrt sees 1, so neither it nor its derivative is
         # evaluated at 0 (a zero gradient would otherwise give 0·inf = NaN in the meta-gradient)
-        out = sq > max_norm**2
-        scale = jnp.where(out, max_norm * jax.lax.rsqrt(jnp.where(out, sq, 1.0)), 1.0)
+        # c and c² in the gradient's dtype: a c beyond its range saturates, c² is inf, no clipping
+        c = jnp.asarray(min(float(max_norm), float(jnp.finfo(sq.dtype).max)), sq.dtype)
+        out = sq > jnp.square(c)
+        scale = jnp.where(out, c * jax.lax.rsqrt(jnp.where(out, sq, 1.0)), 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         return update_fn(params, grads, step, *loss)
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from maml_jax.config import Config  # noqa: E402
 from maml_jax.core import inner_adapt  # noqa: E402
 from maml_jax.data import sinusoid  # noqa: E402
+from maml_jax.inner_updates import clip_by_global_norm, sgd  # noqa: E402
 from maml_jax.losses import mse_loss  # noqa: E402
 from maml_jax.models import Model  # noqa: E402
 from maml_jax.types import Batch  # noqa: E402
@@ -51,7 +52,10 @@ def sinusoid_figure(
             ax = axes[row, col]
             ax.plot(grid[:, 0], truth[:, 0], color="tab:red", lw=2, label="ground truth")
             for steps, style in ((0, ":"), (1, "--"), (10, "-")):
-                p, _ = inner_adapt(params, support, loss_fn, num_inner_steps=steps, inner_lr=lr)
+                rule = {"inner_lr": lr}
+                if config.inner_grad_clip:  # the run's evaluation clips each inner gradient, so does its figure
+                    rule = {"inner_update_fn": clip_by_global_norm(sgd(lr), config.inner_grad_clip)}
+                p, _ = inner_adapt(params, support, loss_fn, num_inner_steps=steps, **rule)
                 ax.plot(
                     grid[:, 0],
                     model.apply(p, grid)[:, 0],
@@ -84,10 +88,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _latest_eval(run: Path) -> dict | None:
-    """``eval.json`` of a finished run, else the ``eval-step<N>.json`` with the largest N."""
+    """``eval.json`` of a finished run, else the ``eval-step<N>.json`` with the largest N (not
+    the ``eval-step<N>-clip<C>.json`` of a re-evaluation with another inner clip)."""
     if (run / "eval.json").is_file():
         return json.loads((run / "eval.json").read_text())
-    partial = sorted(run.glob("eval-step*.json"), key=lambda p: int(p.stem.removeprefix("eval-step")))
+    steps = [p for p in run.glob("eval-step*.json") if p.stem.removeprefix("eval-step").isdigit()]
+    partial = sorted(steps, key=lambda p: int(p.stem.removeprefix("eval-step")))
     return json.loads(partial[-1].read_text()) if partial else None
 
 

@@ -81,9 +81,16 @@ def test_zero_gradient_gives_no_nan_and_bad_max_norm_is_rejected():
     np.testing.assert_array_equal(rule(params, zero, 0)["w"], params["w"])
     d = jax.grad(lambda w: jnp.sum(rule({"w": w}, {"w": w - w}, 0)["w"]))(jnp.ones(3))
     assert np.isfinite(np.asarray(d)).all()
-    for bad in (0, -1.0, float("nan"), True, "1"):
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(HyperparameterError, match="max_norm"):
             clip_by_global_norm(sgd(0.1), bad)
+    # numpy scalars are numbers too; a c beyond float32's range never clips (no OverflowError)
+    np.testing.assert_array_equal(
+        clip_by_global_norm(sgd(0.1), np.float32(1e9))(params, params, 0)["w"], np.float32(0.9)
+    )
+    np.testing.assert_array_equal(
+        jax.jit(clip_by_global_norm(sgd(0.1), 1e200))(params, params, 0)["w"], np.float32(0.9)
+    )
 
 
 def test_the_clip_bounds_every_inner_step_of_a_diverging_task():
@@ -92,20 +99,17 @@ def test_the_clip_bounds_every_inner_step_of_a_diverging_task():
     task = linear_task(jax.random.PRNGKey(0))
     task = task._replace(support=task.support._replace(x=task.support.x * 30.0))
     theta = jnp.zeros(4)
-    plain = adaptation_curve(
-        theta, jax.tree.map(lambda a: a[None], task), linear_loss, num_inner_steps=10, inner_lr=0.5
-    )
+    one = jax.tree.map(lambda a: a[None], task)  # a batch of one task
+    plain = adaptation_curve(theta, one, linear_loss, num_inner_steps=10, inner_lr=0.5)
     assert plain["loss"][0, -1] > 1e6 * plain["loss"][0, 0]
-    clipped = adaptation_curve(
-        theta, jax.tree.map(lambda a: a[None], task), linear_loss, num_inner_steps=10, inner_lr=0.5, inner_grad_clip=1.0
-    )
+    clipped = adaptation_curve(theta, one, linear_loss, num_inner_steps=10, inner_lr=0.5, inner_grad_clip=1.0)
     assert np.isfinite(clipped["loss"]).all() and clipped["loss"][0, -1] < 1e3 * clipped["loss"][0, 0]
     adapted, _ = inner_adapt(
         theta, task.support, linear_loss, num_inner_steps=10, inner_update_fn=clip_by_global_norm(sgd(0.5), 1.0)
     )
     assert float(jnp.linalg.norm(adapted - theta)) <= 10 * 0.5 * 1.0 + 1e-5
     with pytest.raises(HyperparameterError, match="inner_update_fn"):
-        adaptation_curve(theta, plain, linear_loss, num_inner_steps=1, inner_update_fn=sgd(0.1), inner_grad_clip=1.0)
+        adaptation_curve(theta, one, linear_loss, num_inner_steps=1, inner_update_fn=sgd(0.1), inner_grad_clip=1.0)
 
 
 def test_maml_algorithm_with_inner_grad_clip_is_meta_loss_with_the_clipped_rule():
@@ -150,31 +154,40 @@ def test_config_rejects_bad_clip_settings(overrides, match):
         Config(**overrides).validate()
 
 
-def test_train_with_both_clips_then_eval_with_another_inner_clip(tmp_path, capsys):
-    """End to end through ``maml-jax``: a run trained with both clips resumes its Adam-after-clip
-    state for ``eval``; ``eval --inner-grad-clip`` writes its own files beside the run's, a clip
-    far above every gradient reproduces the unclipped figures, and a binding one changes them."""
+def test_train_with_both_clips_then_eval_and_plot_with_another_inner_clip(tmp_path, capsys):
+    """End to end through ``maml-jax``: the inner clip reaches training (the meta-loss differs
+    from an unclipped run); ``eval`` restores the clipped run's Adam-after-clip state from its
+    checkpoint; ``eval --inner-grad-clip`` writes its own files, where a clip far above every
+    gradient reproduces no clipping and a binding one changes the figures; ``plot`` still
+    finds the run's own evaluation among them."""
     import json
 
     from test_algorithm_runs import TINY_SINUSOID
 
     from maml_jax.cli import main
 
+    def train(name, *flags):
+        assert main(["train", "sinusoid", "--workdir", str(tmp_path / name), *flags, *TINY_SINUSOID]) == 0
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    clipped = train("clipped", "--config.inner_grad_clip=0.01", "--config.outer_grad_clip=1")
+    plain = train("plain")
+    assert clipped[-1]["meta_loss"] != pytest.approx(plain[-1]["meta_loss"], rel=1e-3)
     workdir = tmp_path / "clipped"
-    flags = ["--config.inner_grad_clip=5", "--config.outer_grad_clip=1"]
-    assert main(["train", "sinusoid", "--workdir", str(workdir), *flags, *TINY_SINUSOID]) == 0
-    assert json.loads((workdir / "config.json").read_text())["inner_grad_clip"] == 5.0
+    assert json.loads((workdir / "eval.json").read_text())["inner_grad_clip"] == 0.01
+
+    (workdir / "maml" / "params.msgpack").unlink()  # eval now restores the checkpoint's train state
+    (workdir / "eval.json").unlink()  # and plot falls back to the eval-step files
 
     def mse(name):
-        return json.loads((workdir / name).read_text())["results"]["maml"]["by_shots"]["5"]["mse"]
+        return json.loads((workdir / name).read_text())["results"]["maml"]["by_shots"]["5"]["mse"]["2"][0]
 
-    own = mse("eval.json")
-    for clip in ("0", "1e9", "0.01"):
-        assert main(["eval", "--run-dir", str(workdir), "--inner-grad-clip", clip]) == 0
+    for clip in (None, "0", "1e9", "0.001"):
+        assert main(["eval", "--run-dir", str(workdir), *([] if clip is None else ["--inner-grad-clip", clip])]) == 0
+    assert mse("eval-step3-clip0.json") == pytest.approx(mse("eval-step3-clip1e+09.json"), rel=1e-6)
+    assert abs(mse("eval-step3-clip0.001.json") - mse("eval-step3-clip0.json")) > 1e-4
+    assert abs(mse("eval-step3.json") - mse("eval-step3-clip0.json")) > 1e-4  # the run's own clip, 0.01
     capsys.readouterr()
-    assert mse("eval-step3-clip0.json")["2"][0] == pytest.approx(mse("eval-step3-clip1e+09.json")["2"][0], rel=1e-6)
-    assert mse("eval-step3-clip0.01.json")["0"][0] == pytest.approx(own["0"][0], rel=1e-6)
-    assert abs(mse("eval-step3-clip0.01.json")["2"][0] - own["2"][0]) > 1e-3
-    assert not (workdir / "eval-step3.json").exists()  # the run's own evaluation is eval.json, untouched
+    assert main(["plot", str(workdir), "--out", str(tmp_path / "fig")]) == 0
     assert main(["eval", "--run-dir", str(workdir), "--inner-grad-clip", "-1"]) == 2
     assert "inner_grad_clip" in capsys.readouterr().err
