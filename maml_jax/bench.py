@@ -19,6 +19,14 @@ vs each peer with ratios, the FLOPs per step and the fraction of a measured matm
 instead of the table. ``--rounds R`` measures ours and the peers alternately R times and
 reports medians (a shared machine's noise moves single runs by ±20%).
 
+``--cpu-devices N`` splits the task batch over N XLA CPU devices of this process
+(``jax_num_cpu_devices``; ``parallel.shard_meta_grad``, the path of ``--config.num_devices``),
+each device's share of the tasks running concurrently with the other's. ``DEFAULT_CPU_DEVICES``:
+2 for the Omniglot workloads, whose small per-task kernels leave part of two cores idle when the
+tasks run one after the other (on 2 cores: omniglot-20w1s +20-25%, omniglot-5w1s +2-10%,
+miniimagenet-5w1s +2%, alternated runs), 1 otherwise; ignored off CPU. ``cpu_devices`` in the
+JSON says how many the task batch was split over.
+
 ``--cpus N`` runs JAX on N CPUs (``host.limit_cpus``; ``DEFAULT_CPUS``: 1 for the sinusoid,
 whose ~100 tiny kernels per step lose more to cross-thread handoffs than they gain from a
 second core, all for the image workloads); ``cpus`` in the JSON says how many were used. With
@@ -51,10 +59,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from maml_jax import parallel
 from maml_jax.algorithms import batched_meta_grad, maml
 from maml_jax.core import batched_meta_loss
-from maml_jax.host import available_cpus, limit_cpus
+from maml_jax.host import available_cpus, limit_cpus, request_cpu_devices
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
 from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
@@ -75,6 +86,8 @@ DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
 # CPUs (affinity mask, host.limit_cpus) the JAX CPU backend runs a workload on; None: all.
 # One core runs the tiny sinusoid step ~1.4x faster on a 2-core CPU (no cross-thread handoffs)
 DEFAULT_CPUS = {"mlp": 1, "omniglot": None, "miniimagenet": None}
+# XLA CPU devices the task batch is split over (see the module docstring); must divide the tasks
+DEFAULT_CPU_DEVICES = {"mlp": 1, "omniglot": 2, "miniimagenet": 1}
 PEERS = ("torchfunc", "loop", "l2l", "higher")
 PEER_ITERS = {"mlp": (1000, 20), "omniglot": (5, 1), "miniimagenet": (5, 1)}  # (iters, warmup) of each peer
 
@@ -140,9 +153,12 @@ def build(
     state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, k_state))(k_init)
     kwargs = {"num_inner_steps": w["steps"], "inner_lr": w["alpha"], **adapt_kwargs}
 
-    def make_step(task_map: str, jit: bool = True):
+    def make_step(task_map: str, jit: bool = True, mesh=None):
+        """``mesh``: split each step's tasks over its devices (per-task gradients only)."""
         if per_task_grads:
             grads = functools.partial(batched_meta_grad, maml(loss_fn, **kwargs), task_map=task_map)
+            if mesh is not None:
+                grads = parallel.shard_meta_grad(grads, mesh)
             step = make_train_step_from_grads(grads, optimizer)
         else:
             objective = functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
@@ -152,12 +168,26 @@ def build(
     return make_step(task_map), state, tasks, make_step
 
 
-def build_chunk(name: str, task_map: str, steps_per_call: int, conv_impl: str = CONV_IMPLS[0], num_tasks=None):
+def build_chunk(
+    name: str,
+    task_map: str,
+    steps_per_call: int,
+    conv_impl: str = CONV_IMPLS[0],
+    num_tasks=None,
+    num_devices: int = 1,
+):
     """``(jitted chunk(state, None) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
-    ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step."""
+    ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
+    ``num_devices`` > 1, split over the first ``num_devices`` devices (state replicated)."""
     _, state, tasks, make_step = build(name, task_map, conv_impl, num_tasks)
-    chunk = make_sampling_train_chunk(make_step(task_map, jit=False), sample_fn(name, num_tasks), steps_per_call)
-    return jax.jit(chunk, donate_argnums=0), state, tasks, make_step
+    mesh = parallel.default_mesh(num_devices) if num_devices > 1 else None
+    step = make_step(task_map, jit=False, mesh=mesh)
+    chunk = make_sampling_train_chunk(step, sample_fn(name, num_tasks), steps_per_call)
+    if mesh is None:
+        return jax.jit(chunk, donate_argnums=0), state, tasks, make_step
+    replicated = NamedSharding(mesh, P())
+    state = parallel.replicate(state, mesh)
+    return jax.jit(chunk, donate_argnums=0, out_shardings=replicated), state, tasks, make_step
 
 
 def matmul_peak_gflops(n: int = 2048, iters: int = 10, windows: int = 5) -> float:
@@ -189,16 +219,24 @@ def measure(
     conv_impl: str = CONV_IMPLS[0],
     num_tasks: int | None = None,
     steps_per_call: int | None = None,
+    cpu_devices: int | None = None,
 ) -> dict:
     """Compile, warm up, then time ``iters`` meta-steps (``iters // steps_per_call`` calls of
     the fused chunk) split into at most ``windows`` equal windows; ``it_per_s`` (meta-steps/s)
     is the median window rate (robust to a noisy neighbour on a shared CPU). ``task_map=None``
     / ``steps_per_call=None`` take the workload's defaults; ``steps_per_call`` is capped at
-    ``iters``."""
+    ``iters``. ``cpu_devices``: split the tasks over that many CPU devices (default
+    ``DEFAULT_CPU_DEVICES``; at most ``jax.device_count()``, which ``main`` raises with
+    ``jax_num_cpu_devices``; 1 off CPU)."""
     task_map = task_map or DEFAULT_TASK_MAP[name]
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
-    chunk, state, tasks, make_step = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks)
+    n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
+    n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
+    tasks_per_step = WORKLOADS[name]["tasks"] if num_tasks is None else num_tasks
+    if tasks_per_step % n_dev:
+        raise ValueError(f"{name}: {tasks_per_step} tasks do not split evenly over {n_dev} CPU devices")
+    chunk, state, tasks, make_step = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev)
     t0 = time.perf_counter()
     compiled = chunk.lower(state, None).compile()
     compile_s = time.perf_counter() - t0
@@ -232,6 +270,7 @@ def measure(
         "tasks": int(tasks.query.x.shape[0]),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
+        "cpu_devices": n_dev,
         "device_kind": jax.devices()[0].device_kind,
         "cpus": len(available_cpus() or []) or os.cpu_count(),  # the CPUs this process may run on
         # None: the backend's default (TF32 tensor cores for float32 on recent NVIDIA GPUs)
@@ -244,7 +283,8 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
     affinity mask must be set before JAX creates its backend, so not in this process)."""
     cmd = [sys.executable, "-m", "maml_jax.bench", "--workload", name, "--cpus", str(cpus)]
     cmd += ["--iters", str(iters), "--warmup", str(warmup), "--conv-impl", kwargs.get("conv_impl") or CONV_IMPLS[0]]
-    for flag, key in (("--task-map", "task_map"), ("--tasks", "num_tasks"), ("--steps-per-call", "steps_per_call")):
+    flags = [("--task-map", "task_map"), ("--tasks", "num_tasks"), ("--steps-per-call", "steps_per_call")]
+    for flag, key in [*flags, ("--cpu-devices", "cpu_devices")]:
         if kwargs.get(key) is not None:
             cmd += [flag, str(kwargs[key])]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -291,7 +331,8 @@ def peer_table(results: list[dict], peers=PEERS) -> str:
     head += [f"{p} it/s (ours/{p})" for p in peers]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        cells = [r["workload"], f"{r['it_per_s']:.3g}", str(r.get("cpus", "")), f"{r['compile_s']:.1f}"]
+        cpus = str(r.get("cpus", "")) + (f" ({r['cpu_devices']} devices)" if r.get("cpu_devices", 1) > 1 else "")
+        cells = [r["workload"], f"{r['it_per_s']:.3g}", cpus, f"{r['compile_s']:.1f}"]
         cells.append(f"{r['flops_per_step'] / 1e9:.3g}")
         cells.append(f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "")
         for p in peers:
@@ -342,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         "default: 1 for sinusoid (faster: no cross-thread handoffs for its tiny kernels), all for images",
     )
     ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="split the task batch over N XLA CPU devices (task-parallel); default: 2 for the Omniglot "
+        "workloads, 1 otherwise (DEFAULT_CPU_DEVICES); ignored off CPU",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -357,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps-per-call must be > 0")
     if a.cpus is not None and a.cpus < 0 or a.rounds <= 0:
         ap.error("--cpus must be >= 0 (0: all CPUs) and --rounds > 0")
+    if a.cpu_devices is not None and a.cpu_devices <= 0:
+        ap.error("--cpu-devices must be > 0")
     peers = tuple(p for p in a.peers.split(",") if p)
     if a.compare_peers and not (Path(a.peers_python).exists() and Path(a.peers_script).exists()):
         print(
@@ -372,12 +422,21 @@ def main(argv: list[str] | None = None) -> int:
     in_process = len(names) == 1 and not a.compare_peers
     if in_process and cpus_of[names[0]]:
         limit_cpus(cpus_of[names[0]])
+    devices_of = {n: a.cpu_devices or DEFAULT_CPU_DEVICES[WORKLOADS[n]["kind"]] for n in names}
+    for n in names:
+        tasks = a.tasks or WORKLOADS[n]["tasks"]
+        if tasks % devices_of[n]:
+            ap.error(f"{n}: {tasks} tasks do not split evenly over {devices_of[n]} CPU devices")
+    # before anything creates the backend (else the existing count stays; measure then uses at
+    # most that many); the CPU platform only, a GPU/TPU run ignores it
+    request_cpu_devices(max(devices_of.values()))
     peak = matmul_peak_gflops(a.peak_size) if a.compare_peers else None
     results = []
     for name in names:
         iters, warmup = DEFAULT_ITERS[WORKLOADS[name]["kind"]]
         iters, warmup = a.iters or iters, warmup if a.warmup is None else a.warmup
         kwargs = dict(task_map=a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks, steps_per_call=a.steps_per_call)
+        kwargs["cpu_devices"] = devices_of[name]
         rounds = []
         for _ in range(a.rounds if a.compare_peers else 1):
             if in_process or not cpus_of[name]:

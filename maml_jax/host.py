@@ -6,6 +6,11 @@ a few microseconds each) handing kernels to other threads costs more than it sav
 2-core machine, one core ran the sinusoid benchmark about 1.4x faster than two (README,
 Speed). ``limit_cpus`` restricts the process to fewer CPUs; it must run before JAX creates
 its backends (the first computation or ``jax.devices()``). Linux only (``os.sched_setaffinity``).
+
+``request_cpu_devices`` makes the CPU platform expose several XLA devices (``jax_num_cpu_devices``)
+so that a task batch can be split over them (``parallel``, ``--config.num_devices``): on the
+Omniglot workloads, whose per-task kernels are too small to keep two cores busy one task at a
+time, two devices working on half the tasks each ran up to 1.2x faster (README, Speed).
 """
 
 from __future__ import annotations
@@ -50,3 +55,16 @@ def limit_cpus(n: int) -> list[int]:
     keep = cpus[:n]
     os.sched_setaffinity(0, keep)
     return keep
+
+
+def request_cpu_devices(n: int) -> int:
+    """Ask for ``n`` XLA CPU devices (``jax_num_cpu_devices``); returns how many the CPU platform
+    has. Takes effect only before JAX creates its backends; afterwards the existing count is
+    kept (and returned) rather than raising, so library code may call it unconditionally."""
+    import jax
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of CPU devices must be an integer >= 1, got {n!r}")
+    if not _backends_initialized():
+        jax.config.update("jax_num_cpu_devices", n)
+    return len(jax.devices("cpu"))

@@ -57,7 +57,15 @@ def test_omniglot_bench_prints_one_json_line():
     )
     assert result["workload"] == "omniglot-5w1s" and result["it_per_s"] > 0 and result["compile_s"] > 0
     assert result["tasks"] == 2 and result["iters"] == 1
+    # the Omniglot workloads split their tasks over two CPU devices by default (DEFAULT_CPU_DEVICES)
+    assert result["cpu_devices"] == result["devices"] == bench.DEFAULT_CPU_DEVICES["omniglot"] == 2
     assert result["conv_impl"] == bench.CONV_IMPLS[0] and result["task_map"] == bench.DEFAULT_TASK_MAP["omniglot-5w1s"]
+
+
+def test_tasks_that_do_not_split_over_the_cpu_devices_are_an_error():
+    cmd = [sys.executable, "-m", "maml_jax.bench", "--workload", "omniglot-5w1s", "--tasks", "3", "--iters", "1"]
+    out = subprocess.run([*cmd, "--cpu-devices", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "3 tasks do not split evenly over 2 CPU devices" in out.stderr
 
 
 @pytest.mark.slow

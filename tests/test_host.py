@@ -63,3 +63,24 @@ def test_rounds_report_medians_of_ours_and_each_peer():
     combined = bench._combine_rounds(rounds)
     assert combined["it_per_s"] == 2 and combined["it_per_s_rounds"] == [3, 1, 2]
     assert combined["peers"]["a"]["it_per_s"] == 2 and combined["peers"]["a"]["it_per_s_rounds"] == [1, 5, 2]
+
+
+def test_request_cpu_devices_before_jax_starts_then_train_splits_tasks_over_them(tmp_path):
+    out = run_python(
+        "import jax\nfrom maml_jax.host import request_cpu_devices\nprint(request_cpu_devices(3), jax.device_count())"
+    )
+    assert out.split() == ["3", "3"]
+    # the train CLI: --cpu-devices 2 with --config.num_devices=0 (all devices) splits the task batch
+    from test_algorithm_runs import TINY_SINUSOID
+
+    cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(tmp_path / "r"), *TINY_SINUSOID]
+    subprocess.run([*cmd, "--cpu-devices", "2", "--config.num_devices=0"], capture_output=True, check=True)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["devices"] == ["cpu:0", "cpu:1"]
+
+
+def test_request_cpu_devices_after_jax_started_keeps_the_count():
+    jax.devices()
+    assert host.request_cpu_devices(4) == len(jax.devices("cpu"))
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="CPU devices"):
+            host.request_cpu_devices(bad)
