@@ -15,33 +15,24 @@ over tasks (what a threshold c is compared with).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from maml_jax import mse_loss, rundir
-from maml_jax.config import config_from_dict
 from maml_jax.data import sinusoid
 from maml_jax.evaluate import adaptation_curve, summarize_curve
-from maml_jax.inner_updates import clip_by_global_norm, sgd
-from maml_jax.task_families import build_task_family
+from maml_jax.experiment import load_trained
+from maml_jax.inner_updates import sgd
 
 SHOTS = (5, 10, 20)
 STEPS = (1, 10)
 
 
-def load_run(run_dir: Path):
-    config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = build_task_family(config).model
-    template = model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.float32))
-    return config, model, rundir.load_pytree(run_dir / "maml" / "params.msgpack", template)
-
-
 def study(run_dir: Path, clips: list[float]) -> dict:
     """``{K: {"grad_norm_quantiles": {q: v}, "by_clip": {c: {steps: [mean, ci95, median, nonfinite]}}}}``."""
-    config, model, params = load_run(run_dir)
+    config, model, params, _ = load_trained(run_dir)
     loss = mse_loss(model.apply)
     out = {}
     for k in SHOTS:
@@ -52,7 +43,7 @@ def study(run_dir: Path, clips: list[float]) -> dict:
         norms = np.sqrt(sum(np.sum(np.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree.leaves(grads)))
         row = {"grad_norm_quantiles": {q: float(np.quantile(norms, q)) for q in (0.5, 0.9, 0.99, 1.0)}, "by_clip": {}}
         for c in clips:
-            rule = sgd(config.inner_lr) if c == 0 else clip_by_global_norm(sgd(config.inner_lr), c)
+            rule = sgd(config.inner_lr, c)  # c = 0: plain SGD
             curve = jax.jit(
                 lambda p, t, rule=rule: adaptation_curve(p, t, loss, num_inner_steps=10, inner_update_fn=rule)
             )

@@ -210,6 +210,14 @@ def _flops(analysis) -> float:
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
+def check_task_split(name: str, num_tasks: int | None, cpu_devices: int) -> None:
+    """``ValueError`` unless workload ``name``'s task batch (or ``num_tasks``) splits evenly
+    over ``cpu_devices``."""
+    tasks = WORKLOADS[name]["tasks"] if num_tasks is None else num_tasks
+    if tasks % cpu_devices:
+        raise ValueError(f"{name}: {tasks} tasks do not split evenly over {cpu_devices} CPU devices")
+
+
 def measure(
     name: str,
     iters: int,
@@ -233,9 +241,7 @@ def measure(
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
     n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
-    tasks_per_step = WORKLOADS[name]["tasks"] if num_tasks is None else num_tasks
-    if tasks_per_step % n_dev:
-        raise ValueError(f"{name}: {tasks_per_step} tasks do not split evenly over {n_dev} CPU devices")
+    check_task_split(name, num_tasks, n_dev)
     chunk, state, tasks, make_step = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev)
     t0 = time.perf_counter()
     compiled = chunk.lower(state, None).compile()
@@ -424,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         limit_cpus(cpus_of[names[0]])
     devices_of = {n: a.cpu_devices or DEFAULT_CPU_DEVICES[WORKLOADS[n]["kind"]] for n in names}
     for n in names:
-        tasks = a.tasks or WORKLOADS[n]["tasks"]
-        if tasks % devices_of[n]:
-            ap.error(f"{n}: {tasks} tasks do not split evenly over {devices_of[n]} CPU devices")
+        try:
+            check_task_split(n, a.tasks, devices_of[n])
+        except ValueError as err:
+            ap.error(str(err))
     # before anything creates the backend (else the existing count stays; measure then uses at
     # most that many); the CPU platform only, a GPU/TPU run ignores it
     request_cpu_devices(max(devices_of.values()))

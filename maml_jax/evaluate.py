@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maml_jax.core import TaskMap, inner_adapt, map_tasks
-from maml_jax.inner_updates import clip_by_global_norm, sgd
+from maml_jax.inner_updates import sgd
 from maml_jax.types import InnerUpdateFn, Params, Task, TaskLossFn
 from maml_jax.validation import HyperparameterError
 
@@ -49,7 +49,7 @@ def adaptation_curve(
     if inner_grad_clip:
         if inner_update_fn is not None:
             raise HyperparameterError("inner_grad_clip clips plain SGD at inner_lr; wrap inner_update_fn yourself")
-        inner_update_fn, inner_lr = clip_by_global_norm(sgd(inner_lr), inner_grad_clip), None
+        inner_update_fn, inner_lr = sgd(inner_lr, inner_grad_clip), None
 
     def query_metrics(p, query):
         loss, aux = task_loss_fn(p, query)

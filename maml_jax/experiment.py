@@ -465,8 +465,13 @@ def evaluate_run(
     results = {label: {"inner_lr": {k: config.inner_lr for k in eval_shots}, "by_shots": by_shots}}
     ways = None if config.dataset == "sinusoid" else config.ways
     table = format_table(results, config.eval_inner_steps, family.metric, ways)
-    out = {"step": step, "num_tasks": num_tasks, "seed": config.eval_seed, "results": results}
-    out["inner_grad_clip"] = config.inner_grad_clip
+    out = {
+        "step": step,
+        "num_tasks": num_tasks,
+        "seed": config.eval_seed,
+        "inner_grad_clip": config.inner_grad_clip,
+        "results": results,
+    }
     rundir.write_json(workdir / f"eval-step{step}{suffix}.json", out)
     (workdir / f"eval-step{step}{suffix}.md").write_text(table + "\n")
     return {"results": results, "table": table, "step": step}

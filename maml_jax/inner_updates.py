@@ -19,15 +19,17 @@ from maml_jax.types import InnerUpdateFn
 from maml_jax.validation import HyperparameterError, check_learning_rate
 
 
-def sgd(inner_lr) -> InnerUpdateFn:
-    """Plain gradient descent, θ ← θ − α ∇L_support(θ) (Finn et al. 2017, Eq. 1)."""
+def sgd(inner_lr, max_grad_norm: float = 0.0) -> InnerUpdateFn:
+    """Plain gradient descent, θ ← θ − α ∇L_support(θ) (Finn et al. 2017, Eq. 1); with
+    ``max_grad_norm`` > 0 each gradient is first clipped to that global norm
+    (``clip_by_global_norm``, the ``inner_grad_clip`` of a config)."""
     check_learning_rate(inner_lr, "inner_lr")
 
     def update(params, grads, step):
         del step
         return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
 
-    return update
+    return clip_by_global_norm(update, max_grad_norm) if max_grad_norm else update
 
 
 def meta_sgd(step_sizes) -> InnerUpdateFn:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from maml_jax.config import Config  # noqa: E402
 from maml_jax.core import inner_adapt  # noqa: E402
 from maml_jax.data import sinusoid  # noqa: E402
-from maml_jax.inner_updates import clip_by_global_norm, sgd  # noqa: E402
+from maml_jax.inner_updates import sgd  # noqa: E402
 from maml_jax.losses import mse_loss  # noqa: E402
 from maml_jax.models import Model  # noqa: E402
 from maml_jax.types import Batch  # noqa: E402
@@ -52,10 +52,9 @@ def sinusoid_figure(
             ax = axes[row, col]
             ax.plot(grid[:, 0], truth[:, 0], color="tab:red", lw=2, label="ground truth")
             for steps, style in ((0, ":"), (1, "--"), (10, "-")):
-                rule = {"inner_lr": lr}
-                if config.inner_grad_clip:  # the run's evaluation clips each inner gradient, so does its figure
-                    rule = {"inner_update_fn": clip_by_global_norm(sgd(lr), config.inner_grad_clip)}
-                p, _ = inner_adapt(params, support, loss_fn, num_inner_steps=steps, **rule)
+                # clipped like the run's evaluation when it clips its inner gradients
+                rule = sgd(lr, config.inner_grad_clip)
+                p, _ = inner_adapt(params, support, loss_fn, num_inner_steps=steps, inner_update_fn=rule)
                 ax.plot(
                     grid[:, 0],
                     model.apply(p, grid)[:, 0],

@@ -8,9 +8,9 @@ import jax
 
 from maml_jax.algorithms.base import Algorithm
 from maml_jax.core import meta_loss
-from maml_jax.inner_updates import clip_by_global_norm, sgd
+from maml_jax.inner_updates import sgd
 from maml_jax.types import TaskLossFn
-from maml_jax.validation import check_learning_rate, check_num_steps
+from maml_jax.validation import check_num_steps
 
 
 def maml(
@@ -29,10 +29,7 @@ def maml(
     ``batched_meta_grad`` each task's gradient is taken inside the task map, so with
     ``task_map="map"`` only one task's activations are live at a time."""
     check_num_steps(num_inner_steps)
-    check_learning_rate(inner_lr, "inner_lr")
-    rule = {"inner_lr": inner_lr}
-    if inner_grad_clip:
-        rule = {"inner_update_fn": clip_by_global_norm(sgd(inner_lr), inner_grad_clip)}
+    update = sgd(inner_lr, inner_grad_clip)  # checks inner_lr
 
     def meta_grad(meta_params, task, step):
         del step
@@ -43,11 +40,11 @@ def maml(
             num_inner_steps=num_inner_steps,
             first_order=first_order,
             remat=remat,
-            **rule,
+            inner_update_fn=update,
         )
 
     def evaluate(meta_params, task, num_steps):
-        _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, **rule)
+        _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_update_fn=update)
         return metrics
 
     return Algorithm("fomaml" if first_order else "maml", lambda params: params, meta_grad, evaluate)
