@@ -86,8 +86,8 @@ def test_bad_device_count_and_indivisible_batch_raise():
 
 
 def test_train_command_on_two_devices_follows_the_one_device_trajectory(tmp_path):
-    """``--config.num_devices=2`` (two forced CPU devices) logs the same meta-losses and ends at
-    the same parameters as the one-device run, to float summation order."""
+    """``--config.num_devices=2`` (two forced CPU devices) logs the same meta-losses as the
+    one-device run, to float summation order."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     flags = [
         "--no-progress",
@@ -104,7 +104,14 @@ def test_train_command_on_two_devices_follows_the_one_device_trajectory(tmp_path
         assert out.returncode == 0, out.stderr[-2000:]
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         losses[n] = [r["meta_loss"] for r in rows]
-    assert len(losses[1]) == 2 and np.allclose(losses[2], losses[1], rtol=1e-5)
+    # float32 summation order differs between one device and two (psum of two half-batch means),
+    # and 200 Adam steps amplify it: the mean meta-loss over steps 1-100 agrees to ~2e-6 and over
+    # steps 101-200 to ~6e-5 on an AVX-512 EPYC (1e-5 on another CPU). A sharding bug (each
+    # device training on the same tasks, or on half the batch) moves them by percents: a
+    # 12-task batch instead of 24 logs 3.671 / 3.170 against 3.629 / 3.086.
+    assert len(losses[1]) == 2
+    np.testing.assert_allclose(losses[2][0], losses[1][0], rtol=1e-5)
+    np.testing.assert_allclose(losses[2][1], losses[1][1], rtol=1e-3)
     bad = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(tmp_path / "bad"), *flags]
     out = subprocess.run([*bad, "--config.num_devices=4"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "xla_force_host_platform_device_count=4" in out.stderr
