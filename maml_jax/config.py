@@ -54,7 +54,8 @@ class Config:
     inner_lr: float = 0.01
     first_order: bool = False
     # rescale each inner gradient to global norm <= inner_grad_clip before the SGD step, in
-    # training (MAML/FOMAML) and in every SGD adaptation at evaluation; 0 = off (the papers')
+    # training (MAML/FOMAML) and in every SGD adaptation at evaluation, or before Meta-LSTM's
+    # learned update rule sees it; 0 = off (the papers')
     inner_grad_clip: float = 0.0
     # rematerialise each inner step in the backward pass (jax.checkpoint): memory of a meta-step
     # nearly flat in num_inner_steps, at the cost of recomputing the inner forward passes (MAML)
@@ -156,10 +157,10 @@ class Config:
                 f"config.remat applies to algorithm='maml' (and FOMAML); got {self.algorithm!r} "
                 "(iMAML's memory is already independent of the inner steps)"
             )
-        if self.inner_grad_clip and self.algorithm != "maml":
+        if self.inner_grad_clip and self.algorithm not in ("maml", "meta_lstm"):
             raise ConfigError(
-                f"config.inner_grad_clip applies to algorithm='maml' (and FOMAML); got {self.algorithm!r}, "
-                "whose inner update is its own"
+                f"config.inner_grad_clip applies to algorithm='maml' (and FOMAML) and 'meta_lstm'; got "
+                f"{self.algorithm!r}, whose inner update is its own"
             )
         if self.algorithm == "protonets" and self.dataset == "sinusoid":
             raise ConfigError("config.algorithm='protonets' is for classification; dataset is 'sinusoid'")

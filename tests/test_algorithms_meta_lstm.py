@@ -14,6 +14,7 @@ from maml_jax import mlp, mse_loss
 from maml_jax.algorithms import meta_lstm
 from maml_jax.algorithms.meta_lstm import preprocess
 from maml_jax.data import sinusoid
+from maml_jax.validation import HyperparameterError
 
 
 def test_preprocess_follows_andrychowicz_appendix_a():
@@ -58,6 +59,39 @@ def test_one_step_update_and_meta_gradient_in_closed_form(x64):
     # ... and with w != 0 they do
     (_, _), grads_full = jax.jit(alg.meta_grad)(alg.init(params), task, jnp.int32(0))
     assert float(jnp.abs(grads_full["lstm"]["cell"]["kernel"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("clip_factor", [0.3, 10.0])
+def test_clipped_learner_gradient_bounds_the_step_in_closed_form(x64, clip_factor):
+    """``max_grad_norm=c``: with the gate weights at zero, θ_1 = f·θ_0 − i·g·min(1, c/‖g‖); a
+    clip outside the gradient's norm changes nothing (exactly)."""
+    model = mlp((5,), 1, activation="tanh")
+    loss = mse_loss(model.apply)
+    tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(4), 1, 5, 6)
+    task = jax.tree.map(lambda a: a[0].astype(jnp.float64), tasks)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), task.support.x))
+    g = jax.grad(lambda p: loss(p, task.support)[0])(params)
+    norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g))))
+    c = clip_factor * norm
+    clipped = meta_lstm(loss, num_inner_steps=1, init_lr=0.2, forget_bias=2.0, max_grad_norm=c)
+    plain = meta_lstm(loss, num_inner_steps=1, init_lr=0.2, forget_bias=2.0)
+    meta = clipped.init(params)
+    meta["lstm"]["w_input"] = jnp.zeros_like(meta["lstm"]["w_input"])
+    meta["lstm"]["w_forget"] = jnp.zeros_like(meta["lstm"]["w_forget"])
+    i, f = 0.2, 1 / (1 + math.exp(-2.0))
+    theta1 = jax.tree.map(lambda t, gg: f * t - i * gg * min(1.0, c / norm), params, g)
+    value = jax.jit(clipped.meta_grad)(meta, task, jnp.int32(0))[0][0]
+    np.testing.assert_allclose(value, loss(theta1, task.query)[0], rtol=1e-10)
+    unclipped = jax.jit(plain.meta_grad)(meta, task, jnp.int32(0))[0][0]
+    if clip_factor > 1:
+        assert float(value) == float(unclipped)
+    else:
+        assert abs(float(value) - float(unclipped)) > 1e-6
+
+
+def test_bad_max_grad_norm_is_an_error():
+    with pytest.raises(HyperparameterError, match="max_norm"):
+        meta_lstm(mse_loss(mlp((5,), 1).apply), num_inner_steps=1, max_grad_norm=-1.0)
 
 
 def test_trains_sinusoid():

@@ -29,6 +29,7 @@ from jax.flatten_util import ravel_pytree
 
 from maml_jax.algorithms.base import Algorithm
 from maml_jax.core import inner_adapt
+from maml_jax.inner_updates import clip_by_global_norm
 from maml_jax.types import Metrics, Params, Task, TaskLossFn
 from maml_jax.validation import HyperparameterError, check_num_steps, check_task
 
@@ -108,20 +109,32 @@ def meta_lstm_update(lstm: Params):
 
 
 def meta_lstm_loss(
-    meta_params: Params, task: Task, task_loss_fn: TaskLossFn, *, num_inner_steps: int, hidden: int
+    meta_params: Params,
+    task: Task,
+    task_loss_fn: TaskLossFn,
+    *,
+    num_inner_steps: int,
+    hidden: int,
+    max_grad_norm: float = 0.0,
 ) -> tuple[jax.Array, Metrics]:
     """``L_query(θ_K)`` after ``num_inner_steps`` Meta-LSTM updates from θ_0 = ``meta_params["learner"]``.
+    ``max_grad_norm`` > 0: each learner gradient is clipped to that global norm
+    (``inner_updates.clip_by_global_norm``) before the update rule sees it, so a step moves θ by
+    at most ``i·c`` per coordinate group however steep the support loss (not in the paper).
     Metrics as ``core.meta_loss``: ``query_loss``, ``query_<aux>``, ``support_loss`` (K > 0)."""
     check_task(task)
     theta0 = meta_params["learner"]
     flat, _ = ravel_pytree(theta0)
     carry = {"learner": theta0, "state": init_state(flat.shape[0], hidden, flat.dtype)}
+    update = meta_lstm_update(meta_params["lstm"])
+    if max_grad_norm:
+        update = clip_by_global_norm(update, max_grad_norm)
     adapted, trace = inner_adapt(
         carry,
         task.support,
         lambda c, batch: task_loss_fn(c["learner"], batch),
         num_inner_steps=num_inner_steps,
-        inner_update_fn=meta_lstm_update(meta_params["lstm"]),
+        inner_update_fn=update,
         first_order=True,
         update_takes_loss=True,
     )
@@ -140,11 +153,14 @@ def meta_lstm(
     init_lr: float = 0.01,
     forget_bias: float = 5.0,
     key: jax.Array | int = 0,
+    max_grad_norm: float = 0.0,
 ) -> Algorithm:
     """Meta-LSTM: ``meta_params = {"learner": θ_0, "lstm": init_meta_lstm_params(key, ...)}``;
     the meta-gradient is ∇ L_query(θ_K) w.r.t. both, with the learner's gradients and losses
-    treated as constants (Ravi & Larochelle 2017 §3.2)."""
+    treated as constants (Ravi & Larochelle 2017 §3.2). ``max_grad_norm``: see ``meta_lstm_loss``."""
     check_num_steps(num_inner_steps)
+    if max_grad_norm:
+        clip_by_global_norm(lambda *a: a, max_grad_norm)  # validates max_grad_norm now
     key = jax.random.PRNGKey(key) if isinstance(key, int) else key
 
     def init(params):
@@ -153,7 +169,9 @@ def meta_lstm(
         return {"learner": params, "lstm": lstm}
 
     def loss(meta_params, task, k):
-        return meta_lstm_loss(meta_params, task, task_loss_fn, num_inner_steps=k, hidden=hidden)
+        return meta_lstm_loss(
+            meta_params, task, task_loss_fn, num_inner_steps=k, hidden=hidden, max_grad_norm=max_grad_norm
+        )
 
     def meta_grad(meta_params, task, step):
         del step

@@ -72,5 +72,12 @@ def build_algorithm(config: Config, model: Model, task_loss_fn: TaskLossFn) -> A
     if name == "protonets":
         return protonets(model.apply, ways=config.ways)
     if name == "meta_lstm":
-        return meta_lstm(task_loss_fn, num_inner_steps=k, hidden=config.meta_lstm_hidden, init_lr=lr, key=config.seed)
+        return meta_lstm(
+            task_loss_fn,
+            num_inner_steps=k,
+            hidden=config.meta_lstm_hidden,
+            init_lr=lr,
+            key=config.seed,
+            max_grad_norm=config.inner_grad_clip,
+        )
     raise ValueError(f"unknown algorithm {name!r}; known: {list(ALGORITHMS)}")
