@@ -43,6 +43,14 @@ def meta_sgd(step_sizes) -> InnerUpdateFn:
     return update
 
 
+def check_max_norm(max_norm) -> None:
+    """``HyperparameterError`` unless ``max_norm`` is a finite number > 0 (a clip radius)."""
+    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, (Real, np.floating, np.integer)):
+        raise HyperparameterError(f"max_norm must be a number > 0, got {max_norm!r}")
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise HyperparameterError(f"max_norm must be finite and > 0, got {max_norm!r}")
+
+
 def clip_by_global_norm(update_fn: InnerUpdateFn, max_norm: float) -> InnerUpdateFn:
     """Rescale each inner gradient to global norm at most ``max_norm`` before ``update_fn``:
     g ← g · min(1, c / ‖g‖₂), ‖g‖₂ over all leaves (optax's ``clip_by_global_norm``, applied
@@ -56,10 +64,7 @@ def clip_by_global_norm(update_fn: InnerUpdateFn, max_norm: float) -> InnerUpdat
     leaf of ``grads``, frozen ones included, so wrap it around ``masked`` only if that is
     what you mean. A gradient whose squared norm overflows its dtype (‖g‖ > ~1.8e19 in
     float32) gets a zero step rather than a NaN one."""
-    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, (Real, np.floating, np.integer)):
-        raise HyperparameterError(f"max_norm must be a number > 0, got {max_norm!r}")
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise HyperparameterError(f"max_norm must be finite and > 0, got {max_norm!r}")
+    check_max_norm(max_norm)
 
     def update(params, grads, step, *loss):
         sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))

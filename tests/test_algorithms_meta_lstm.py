@@ -28,20 +28,27 @@ def test_preprocess_follows_andrychowicz_appendix_a():
     assert out.shape == (5, 2)
 
 
-def test_one_step_update_and_meta_gradient_in_closed_form(x64):
-    """With the gate weights at zero the gates are constants i = σ(b_I), f = σ(b_F), so
-    θ_1 = f·θ_0 − i·g with g = ∇L_support(θ_0), and (dropping ∂g/∂θ_0 as the paper does)
-    ∂L_q/∂θ_0 = f·∇L_q(θ_1), ∂L_q/∂b_I = −i(1−i)·⟨∇L_q(θ_1), g⟩, ∂L_q/∂b_F = f(1−f)·⟨∇L_q(θ_1), θ_0⟩."""
+def _one_step_problem(**alg_kwargs):
+    """A float64 sinusoid task, a tanh MLP's loss and parameters, Meta-LSTM with one step
+    (i = 0.2, f = σ(2)) and its meta-parameters with the gate weights at zero, so the gates are
+    the constants ``(i, f)``: ``(loss, task, params, alg, meta, i, f)``."""
     model = mlp((5,), 1, activation="tanh")
     loss = mse_loss(model.apply)
     tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(4), 1, 5, 6)
     task = jax.tree.map(lambda a: a[0].astype(jnp.float64), tasks)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), task.support.x))
-    alg = meta_lstm(loss, num_inner_steps=1, init_lr=0.2, forget_bias=2.0)
+    alg = meta_lstm(loss, num_inner_steps=1, init_lr=0.2, forget_bias=2.0, **alg_kwargs)
     meta = alg.init(params)
     meta["lstm"]["w_input"] = jnp.zeros_like(meta["lstm"]["w_input"])
     meta["lstm"]["w_forget"] = jnp.zeros_like(meta["lstm"]["w_forget"])
-    i, f = 0.2, 1 / (1 + math.exp(-2.0))
+    return loss, task, params, alg, meta, 0.2, 1 / (1 + math.exp(-2.0))
+
+
+def test_one_step_update_and_meta_gradient_in_closed_form(x64):
+    """With the gate weights at zero the gates are constants i = σ(b_I), f = σ(b_F), so
+    θ_1 = f·θ_0 − i·g with g = ∇L_support(θ_0), and (dropping ∂g/∂θ_0 as the paper does)
+    ∂L_q/∂θ_0 = f·∇L_q(θ_1), ∂L_q/∂b_I = −i(1−i)·⟨∇L_q(θ_1), g⟩, ∂L_q/∂b_F = f(1−f)·⟨∇L_q(θ_1), θ_0⟩."""
+    loss, task, params, alg, meta, i, f = _one_step_problem()
 
     (value, metrics), grads = jax.jit(alg.meta_grad)(meta, task, jnp.int32(0))
 
@@ -65,20 +72,11 @@ def test_one_step_update_and_meta_gradient_in_closed_form(x64):
 def test_clipped_learner_gradient_bounds_the_step_in_closed_form(x64, clip_factor):
     """``max_grad_norm=c``: with the gate weights at zero, θ_1 = f·θ_0 − i·g·min(1, c/‖g‖); a
     clip outside the gradient's norm changes nothing (exactly)."""
-    model = mlp((5,), 1, activation="tanh")
-    loss = mse_loss(model.apply)
-    tasks, _ = sinusoid.sample_eval_tasks(jax.random.PRNGKey(4), 1, 5, 6)
-    task = jax.tree.map(lambda a: a[0].astype(jnp.float64), tasks)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), task.support.x))
+    loss, task, params, plain, meta, i, f = _one_step_problem()
     g = jax.grad(lambda p: loss(p, task.support)[0])(params)
     norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g))))
     c = clip_factor * norm
-    clipped = meta_lstm(loss, num_inner_steps=1, init_lr=0.2, forget_bias=2.0, max_grad_norm=c)
-    plain = meta_lstm(loss, num_inner_steps=1, init_lr=0.2, forget_bias=2.0)
-    meta = clipped.init(params)
-    meta["lstm"]["w_input"] = jnp.zeros_like(meta["lstm"]["w_input"])
-    meta["lstm"]["w_forget"] = jnp.zeros_like(meta["lstm"]["w_forget"])
-    i, f = 0.2, 1 / (1 + math.exp(-2.0))
+    clipped = _one_step_problem(max_grad_norm=c)[3]
     theta1 = jax.tree.map(lambda t, gg: f * t - i * gg * min(1.0, c / norm), params, g)
     value = jax.jit(clipped.meta_grad)(meta, task, jnp.int32(0))[0][0]
     np.testing.assert_allclose(value, loss(theta1, task.query)[0], rtol=1e-10)

@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 
 from maml_jax.algorithms.base import Algorithm
 from maml_jax.core import inner_adapt
-from maml_jax.inner_updates import clip_by_global_norm
+from maml_jax.inner_updates import check_max_norm, clip_by_global_norm
 from maml_jax.types import Metrics, Params, Task, TaskLossFn
 from maml_jax.validation import HyperparameterError, check_num_steps, check_task
 
@@ -160,7 +160,7 @@ def meta_lstm(
     treated as constants (Ravi & Larochelle 2017 §3.2). ``max_grad_norm``: see ``meta_lstm_loss``."""
     check_num_steps(num_inner_steps)
     if max_grad_norm:
-        clip_by_global_norm(lambda *a: a, max_grad_norm)  # validates max_grad_norm now
+        check_max_norm(max_grad_norm)
     key = jax.random.PRNGKey(key) if isinstance(key, int) else key
 
     def init(params):
