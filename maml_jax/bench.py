@@ -59,8 +59,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from maml_jax import parallel
 from maml_jax.algorithms import batched_meta_grad, maml
@@ -122,6 +120,33 @@ def sample_fn(name: str, num_tasks: int | None = None):
     return lambda key, data=None: fn(key, w)
 
 
+def _setup(name: str, conv_impl: str, num_tasks: int | None, **adapt_kwargs):
+    """``(state, tasks, optimizer, make_grads, make_objective)`` of workload ``name``:
+    ``make_grads(task_map)`` is the per-task meta-gradient (``batched_meta_grad``) and
+    ``make_objective(task_map)`` the mapped mean loss (``batched_meta_loss``)."""
+    w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
+    k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
+    if w["kind"] == "mlp":
+        model = mlp((40, 40), 1)
+        loss_fn = mse_loss(model.apply)
+    else:
+        model = conv4(w["ways"], dataset=w["kind"], conv_impl=conv_impl)
+        loss_fn = cross_entropy_loss(model.apply)
+    tasks = jax.jit(sample_fn(name, num_tasks))(k_tasks)
+    optimizer = optax.adam(1e-3)
+    example_x = tasks.support.x[0]
+    state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, k_state))(k_init)
+    kwargs = {"num_inner_steps": w["steps"], "inner_lr": w["alpha"], **adapt_kwargs}
+
+    def make_grads(task_map: str):
+        return functools.partial(batched_meta_grad, maml(loss_fn, **kwargs), task_map=task_map)
+
+    def make_objective(task_map: str):
+        return functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
+
+    return state, tasks, optimizer, make_grads, make_objective
+
+
 def build(
     name: str,
     task_map: str,
@@ -139,33 +164,26 @@ def build(
     the task map (``batched_meta_grad`` of ``algorithms.maml``); ``False`` differentiates the
     mapped mean loss (``value_and_grad`` of ``batched_meta_loss``): the same gradient, but
     through ``lax.map`` it keeps every task's activations for the backward pass."""
-    w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
-    k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
-    if w["kind"] == "mlp":
-        model = mlp((40, 40), 1)
-        loss_fn = mse_loss(model.apply)
-    else:
-        model = conv4(w["ways"], dataset=w["kind"], conv_impl=conv_impl)
-        loss_fn = cross_entropy_loss(model.apply)
-    tasks = jax.jit(sample_fn(name, num_tasks))(k_tasks)
-    optimizer = optax.adam(1e-3)
-    example_x = tasks.support.x[0]
-    state = jax.jit(lambda k: init_train_state(model.init(k, example_x), optimizer, k_state))(k_init)
-    kwargs = {"num_inner_steps": w["steps"], "inner_lr": w["alpha"], **adapt_kwargs}
+    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks, **adapt_kwargs)
+    make_step = _step_maker(optimizer, make_grads, make_objective, per_task_grads)
+    return make_step(task_map), state, tasks, make_step
+
+
+def _step_maker(optimizer, make_grads, make_objective, per_task_grads: bool = True):
+    """``make_step(task_map, jit=True, mesh=None)`` of ``build``."""
 
     def make_step(task_map: str, jit: bool = True, mesh=None):
         """``mesh``: split each step's tasks over its devices (per-task gradients only)."""
         if per_task_grads:
-            grads = functools.partial(batched_meta_grad, maml(loss_fn, **kwargs), task_map=task_map)
+            grads = make_grads(task_map)
             if mesh is not None:
                 grads = parallel.shard_meta_grad(grads, mesh)
             step = make_train_step_from_grads(grads, optimizer)
         else:
-            objective = functools.partial(batched_meta_loss, task_loss_fn=loss_fn, task_map=task_map, **kwargs)
-            step = make_train_step(objective, optimizer)
+            step = make_train_step(make_objective(task_map), optimizer)
         return jax.jit(step, donate_argnums=0) if jit else step
 
-    return make_step(task_map), state, tasks, make_step
+    return make_step
 
 
 def build_chunk(
@@ -178,16 +196,18 @@ def build_chunk(
 ):
     """``(jitted chunk(state, None) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
     ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
-    ``num_devices`` > 1, split over the first ``num_devices`` devices (state replicated)."""
-    _, state, tasks, make_step = build(name, task_map, conv_impl, num_tasks)
-    mesh = parallel.default_mesh(num_devices) if num_devices > 1 else None
-    step = make_step(task_map, jit=False, mesh=mesh)
-    chunk = make_sampling_train_chunk(step, sample_fn(name, num_tasks), steps_per_call)
-    if mesh is None:
+    ``num_devices`` > 1, split over the first ``num_devices`` devices (state replicated) by
+    ``parallel.make_sharded_train_chunk``, the chunk ``maml-jax train`` runs. The state is donated."""
+    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks)
+    make_step = _step_maker(optimizer, make_grads, make_objective)
+    sample = sample_fn(name, num_tasks)
+    if num_devices == 1:
+        chunk = make_sampling_train_chunk(make_step(task_map, jit=False), sample, steps_per_call)
         return jax.jit(chunk, donate_argnums=0), state, tasks, make_step
-    replicated = NamedSharding(mesh, P())
-    state = parallel.replicate(state, mesh)
-    return jax.jit(chunk, donate_argnums=0, out_shardings=replicated), state, tasks, make_step
+    mesh = parallel.default_mesh(num_devices)
+    grads = make_grads(task_map)
+    chunk = parallel.make_sharded_train_chunk(grads, optimizer, sample, steps_per_call, mesh, donate=True)
+    return chunk, parallel.replicate(state, mesh), tasks, make_step
 
 
 def matmul_peak_gflops(n: int = 2048, iters: int = 10, windows: int = 5) -> float:

@@ -101,13 +101,17 @@ def make_sharded_train_chunk(
     length: int,
     mesh: Mesh | None = None,
     axis_name: str = AXIS,
+    donate: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
     """``make_sampling_train_chunk`` with the task-parallel step: ``length`` steps in one
-    jitted ``lax.scan``, each sampling its tasks on device and sharding them over ``mesh``."""
+    jitted ``lax.scan``, each sampling its tasks on device and sharding them over ``mesh``.
+    ``donate``: reuse the input state's buffers for the output (the caller must not read the
+    state it passed in again)."""
     mesh = default_mesh(axis_name=axis_name) if mesh is None else mesh
     step = make_train_step_from_grads(shard_meta_grad(meta_grad_fn, mesh, axis_name), optimizer)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(make_sampling_train_chunk(step, sample_fn, length), out_shardings=replicated)
+    chunk = make_sampling_train_chunk(step, sample_fn, length)
+    return jax.jit(chunk, out_shardings=replicated, donate_argnums=0 if donate else ())
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
