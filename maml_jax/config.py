@@ -79,6 +79,8 @@ class Config:
     outer_lr: float = 1e-3
     outer_grad_clip: float = 0.0  # clip the meta-gradient to this global norm before Adam; 0 = off
     num_iterations: int = 70_000
+    # "vmap" (batched) or "map" (lax.map, one task at a time: the image configs' choice, and
+    # 1.65x faster for meta_lstm on a CPU, experiments/results/compare_sinusoid/meta_lstm_task_map.md)
     task_map: str = "vmap"
     # devices the task batch is split over (maml_jax.parallel; gradients averaged across them);
     # 1 = no sharding, 0 = all of jax.devices(); meta_batch_size must divide evenly
