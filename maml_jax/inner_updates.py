@@ -7,16 +7,13 @@ rates, masks, ...) are further factories with the same signature.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from numbers import Real
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from maml_jax.types import InnerUpdateFn
-from maml_jax.validation import HyperparameterError, check_learning_rate
+from maml_jax.validation import HyperparameterError, check_learning_rate, check_max_norm
 
 
 def sgd(inner_lr, max_grad_norm: float = 0.0) -> InnerUpdateFn:
@@ -41,14 +38,6 @@ def meta_sgd(step_sizes) -> InnerUpdateFn:
         return jax.tree.map(lambda p, a, g: p - a * g, params, step_sizes, grads)
 
     return update
-
-
-def check_max_norm(max_norm) -> None:
-    """``HyperparameterError`` unless ``max_norm`` is a finite number > 0 (a clip radius)."""
-    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, (Real, np.floating, np.integer)):
-        raise HyperparameterError(f"max_norm must be a number > 0, got {max_norm!r}")
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise HyperparameterError(f"max_norm must be finite and > 0, got {max_norm!r}")
 
 
 def clip_by_global_norm(update_fn: InnerUpdateFn, max_norm: float) -> InnerUpdateFn:

@@ -100,3 +100,11 @@ def check_num_steps(value, name: str = "num_inner_steps") -> None:
         raise HyperparameterError(f"{name} must be a Python int (it sets the scan length), got {value!r}")
     if value < 0:
         raise HyperparameterError(f"{name} must be >= 0, got {value}")
+
+
+def check_max_norm(max_norm) -> None:
+    """``HyperparameterError`` unless ``max_norm`` is a finite number > 0 (a clip radius)."""
+    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, (Real, np.floating, np.integer)):
+        raise HyperparameterError(f"max_norm must be a number > 0, got {max_norm!r}")
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise HyperparameterError(f"max_norm must be finite and > 0, got {max_norm!r}")

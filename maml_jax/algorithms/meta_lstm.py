@@ -29,9 +29,9 @@ from jax.flatten_util import ravel_pytree
 
 from maml_jax.algorithms.base import Algorithm
 from maml_jax.core import inner_adapt
-from maml_jax.inner_updates import check_max_norm, clip_by_global_norm
+from maml_jax.inner_updates import clip_by_global_norm
 from maml_jax.types import Metrics, Params, Task, TaskLossFn
-from maml_jax.validation import HyperparameterError, check_num_steps, check_task
+from maml_jax.validation import HyperparameterError, check_max_norm, check_num_steps, check_task
 
 PREPROCESS_P = 10.0
 
