@@ -15,6 +15,10 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
 * ``relupool``: ReLU after the max-pool instead of before (exact: ReLU is monotone);
   miniimagenet-5w1s only (the Omniglot net has no max-pool, so it would lose its ReLUs).
 * ``mapbN``: ``lax.map(..., batch_size=N)`` over tasks where the workload uses ``map``.
+* ``fixedbatch``: every step trains on one task batch drawn once, as ``torch_peers.py`` times
+  its peers, instead of sampling a new batch on device (the sampler's share of the step).
+  For the sinusoid run it under ``taskset -c 0`` with ``--iters 4000``: the bench's one-CPU
+  default is not applied here.
 """
 
 from __future__ import annotations
@@ -96,6 +100,14 @@ def patch(variant: str) -> None:
             return jax.lax.map(fn, tasks, batch_size=size) if task_map == "map" else plain(fn, tasks, task_map)
 
         core.map_tasks = base.map_tasks = map_tasks
+    elif variant == "fixedbatch":
+        sample = bench.sample_fn
+
+        def fixed_sample_fn(name, num_tasks=None):
+            tasks = jax.jit(sample(name, num_tasks))(jax.random.PRNGKey(0))
+            return lambda key, data=None: tasks
+
+        bench.sample_fn = fixed_sample_fn
     else:
         raise SystemExit(f"unknown variant {variant!r}")
 
