@@ -15,10 +15,15 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
 * ``relupool``: ReLU after the max-pool instead of before (exact: ReLU is monotone);
   miniimagenet-5w1s only (the Omniglot net has no max-pool, so it would lose its ReLUs).
 * ``mapbN``: ``lax.map(..., batch_size=N)`` over tasks where the workload uses ``map``.
+* ``unrollN``: the task map as ``lax.scan(..., unroll=N)`` where the workload uses ``map``: N
+  tasks per loop iteration, whose independent kernels XLA:CPU may run concurrently.
 * ``fixedbatch``: every step trains on one task batch drawn once, as ``torch_peers.py`` times
   its peers, instead of sampling a new batch on device (the sampler's share of the step).
   For the sinusoid run it under ``taskset -c 0`` with ``--iters 4000``: the bench's one-CPU
   default is not applied here.
+* ``onedraw``: the sinusoid sampler draws its points and targets from one ``[tasks, 2(shots +
+  query)]`` uniform block (targets through ``erfinv``) instead of four ``jax.random`` calls, each
+  a rolled threefry loop on CPU. Same distributions, other numbers.
 """
 
 from __future__ import annotations
@@ -77,6 +82,14 @@ def _pairwise_max_pool(x):
     return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
 
 
+def _one_draw_mlp_tasks(key, w):
+    """``bench._mlp_tasks`` from one uniform draw: ``x ~ U(-5, 5)``, ``y = √2 erfinv(u) ~ N(0, 1)``."""
+    n, ns = w["shots"] + w["query"], w["shots"]
+    u = jax.random.uniform(key, (w["tasks"], 2 * n, 1), minval=jnp.nextafter(-1.0, 0.0), maxval=1.0)
+    x, y = 5.0 * u[:, :n], jnp.sqrt(2.0) * jax.scipy.special.erfinv(u[:, n:])
+    return bench.Task(bench.Batch(x[:, :ns], y[:, :ns]), bench.Batch(x[:, ns:], y[:, ns:]))
+
+
 def patch(variant: str) -> None:
     """Apply one named variant to the library modules of this process."""
     if variant == "base":
@@ -100,6 +113,16 @@ def patch(variant: str) -> None:
             return jax.lax.map(fn, tasks, batch_size=size) if task_map == "map" else plain(fn, tasks, task_map)
 
         core.map_tasks = base.map_tasks = map_tasks
+    elif variant.startswith("unroll") and variant[6:].isdigit():
+        core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
+        plain, n = core.map_tasks, int(variant[6:])
+
+        def map_tasks(fn, tasks, task_map="vmap"):
+            if task_map != "map":
+                return plain(fn, tasks, task_map)
+            return jax.lax.scan(lambda carry, t: (carry, fn(t)), None, tasks, unroll=n)[1]
+
+        core.map_tasks = base.map_tasks = map_tasks
     elif variant == "fixedbatch":
         sample = bench.sample_fn
 
@@ -108,6 +131,8 @@ def patch(variant: str) -> None:
             return lambda key, data=None: tasks
 
         bench.sample_fn = fixed_sample_fn
+    elif variant == "onedraw":
+        bench._mlp_tasks = _one_draw_mlp_tasks
     else:
         raise SystemExit(f"unknown variant {variant!r}")
 
