@@ -10,6 +10,8 @@ run once per task, either as ``tasks`` calls unrolled in one jitted function or 
 
 * ``forward``: ``conv(x, k)``;
 * ``input_grad``: the VJP of ``conv`` with respect to ``x``;
+* ``input_grad_explicit``: the same input gradient written as a forward convolution of ``g``
+  with the flipped, in/out-swapped kernel (``HWIO`` again), as a custom VJP would write it;
 * ``kernel_grad``: the VJP with respect to ``k`` (XLA's ``f01b_i01o->01bf`` convolution whose
   window is the whole input image);
 * ``kernel_grad_patches``: the same gradient through the patch-matmul convolution.
@@ -17,7 +19,10 @@ run once per task, either as ``tasks`` calls unrolled in one jitted function or 
 Prints one JSON line per form: median milliseconds per call of each variant (``--repeats``
 timed calls after one warm-up) and their ratio. This is why ``experiments/speed_variants.py
 vjpconv`` routes every rule through custom functions: a native kernel-gradient convolution
-left in a second-order step runs inside the task map.
+left in a second-order step runs inside the task map. (In the compiled HLO, JAX's transpose
+rule leaves the input-gradient convolution with ``dim_labels=b01f_01oi->b01f``; outside a loop
+XLA:CPU rewrites it to the canonical ``01io`` form that its fast convolution path takes, inside
+the ``lax.map`` loop body it does not.)
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def forms():
     return {
         "forward": lambda x, k, g: _lax_conv(x, k),
         "input_grad": lambda x, k, g: jax.vjp(lambda x_: _lax_conv(x_, k), x)[1](g)[0],
+        "input_grad_explicit": lambda x, k, g: _lax_conv(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)),
         "kernel_grad": lambda x, k, g: jax.vjp(lambda k_: _lax_conv(x, k_), k)[1](g)[0],
         "kernel_grad_patches": lambda x, k, g: jax.vjp(lambda k_: _patch_conv(x, k_), k)[1](g)[0],
     }

@@ -66,6 +66,7 @@ def test_conv_grad_forms_agree_unrolled_and_mapped_and_with_the_patch_gradient()
         np.testing.assert_allclose(mapped(xs, k, gs), out[name], rtol=1e-4, atol=1e-4)
     assert out["kernel_grad"].shape == (3, *k.shape)
     np.testing.assert_allclose(out["kernel_grad"], out["kernel_grad_patches"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(out["input_grad_explicit"], out["input_grad"], rtol=1e-4, atol=1e-4)
 
 
 def test_conv_grad_script_prints_one_row_per_form(capsys):
