@@ -1,9 +1,10 @@
-"""Time XLA:CPU's native kernel-gradient convolution in one jitted call vs inside ``lax.map``.
+"""Time XLA:CPU's native convolution and its gradients in one jitted call vs inside ``lax.map``.
 
     python experiments/conv_grad_under_map.py [--tasks 4] [--images 75] [--size 42] [--channels 32]
+        [--repeats 3] [--only FORM]
 
 For ``tasks`` tasks of ``[images, size, size, channels]`` inputs and a 3x3 stride-1 padding-1
-kernel ``[3, 3, channels, channels]``, it times three forms of ``lax.conv_general_dilated``
+kernel ``[3, 3, channels, channels]``, it times four forms of ``lax.conv_general_dilated``
 and the patch-matmul kernel gradient (``models.conv4.conv3x3`` with ``impl="patches"``), each
 run once per task, either as ``tasks`` calls unrolled in one jitted function or as the body of
 ``lax.map`` over the tasks (how ``task_map="map"`` runs a meta-batch):
@@ -31,6 +32,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,7 @@ def _patch_conv(x, k):
     return conv3x3(x, k, 1, "patches")
 
 
-def forms():
+def forms() -> dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]]:
     """``{name: f(x [n, H, W, C], k [3, 3, C, C], g [n, H, W, C]) -> array}``."""
     return {
         "forward": lambda x, k, g: _lax_conv(x, k),
@@ -57,14 +59,15 @@ def forms():
     }
 
 
-def variants(fn):
+def variants(fn: Callable) -> tuple[Callable, Callable]:
     """``(unrolled, mapped)``: ``fn`` per task as separate calls in one jit, and under ``lax.map``."""
     unrolled = jax.jit(lambda xs, k, gs: jnp.stack([fn(xs[t], k, gs[t]) for t in range(xs.shape[0])]))
     mapped = jax.jit(lambda xs, k, gs: jax.lax.map(lambda xg: fn(xg[0], k, xg[1]), (xs, gs)))
     return unrolled, mapped
 
 
-def time_ms(f, *args, repeats: int) -> float:
+def time_ms(f: Callable, *args: jax.Array, repeats: int) -> float:
+    """Median wall milliseconds of ``repeats`` calls of ``f(*args)`` after one warm-up call."""
     jax.block_until_ready(f(*args))  # compile and warm up
     times = []
     for _ in range(repeats):

@@ -1,4 +1,4 @@
-"""A/B the speed ideas in ``experiments/results/bench/tried_2026-11-23.md`` that were not kept.
+"""A/B the speed ideas in ``experiments/results/bench/tried_2026-11-2{3,4}.md`` that were not kept.
 
     python experiments/speed_variants.py VARIANT WORKLOAD [--iters N]
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import types
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -90,6 +91,17 @@ def _one_draw_mlp_tasks(key, w):
     return bench.Task(bench.Batch(x[:, :ns], y[:, :ns]), bench.Batch(x[:, ns:], y[:, ns:]))
 
 
+def unrolled_map_tasks(plain: Callable, n: int) -> Callable:
+    """``map_tasks`` with ``task_map="map"`` as ``lax.scan(..., unroll=n)``; other maps as ``plain``."""
+
+    def map_tasks(fn, tasks, task_map="vmap"):
+        if task_map != "map":
+            return plain(fn, tasks, task_map)
+        return jax.lax.scan(lambda carry, t: (carry, fn(t)), None, tasks, unroll=n)[1]
+
+    return map_tasks
+
+
 def patch(variant: str) -> None:
     """Apply one named variant to the library modules of this process."""
     if variant == "base":
@@ -115,14 +127,7 @@ def patch(variant: str) -> None:
         core.map_tasks = base.map_tasks = map_tasks
     elif variant.startswith("unroll") and variant[6:].isdigit():
         core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
-        plain, n = core.map_tasks, int(variant[6:])
-
-        def map_tasks(fn, tasks, task_map="vmap"):
-            if task_map != "map":
-                return plain(fn, tasks, task_map)
-            return jax.lax.scan(lambda carry, t: (carry, fn(t)), None, tasks, unroll=n)[1]
-
-        core.map_tasks = base.map_tasks = map_tasks
+        core.map_tasks = base.map_tasks = unrolled_map_tasks(core.map_tasks, int(variant[6:]))
     elif variant == "fixedbatch":
         sample = bench.sample_fn
 
