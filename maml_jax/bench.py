@@ -24,7 +24,7 @@ reports medians (a shared machine's noise moves single runs by ±20%).
 each device's share of the tasks running concurrently with the other's. ``DEFAULT_CPU_DEVICES``:
 2 for the Omniglot workloads, whose small per-task kernels leave part of two cores idle when the
 tasks run one after the other (on 2 cores, alternated runs: omniglot-20w1s +10% and +22%,
-omniglot-5w1s +13% and -1%; miniimagenet-5w1s +2%), 1 otherwise; ignored off CPU. ``cpu_devices`` in the
+omniglot-5w1s +13% and -1%; miniimagenet-5w1s no measurable gain), 1 otherwise; ignored off CPU. ``cpu_devices`` in the
 JSON says how many the task batch was split over.
 
 ``--cpus N`` runs JAX on N CPUs (``host.limit_cpus``; ``DEFAULT_CPUS``: 1 for the sinusoid,
