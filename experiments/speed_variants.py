@@ -91,15 +91,24 @@ def _one_draw_mlp_tasks(key, w):
     return bench.Task(bench.Batch(x[:, :ns], y[:, :ns]), bench.Batch(x[:, ns:], y[:, ns:]))
 
 
-def unrolled_map_tasks(plain: Callable, n: int) -> Callable:
-    """``map_tasks`` with ``task_map="map"`` as ``lax.scan(..., unroll=n)``; other maps as ``plain``."""
+def _with_map(plain: Callable, mapped: Callable) -> Callable:
+    """``map_tasks`` that runs ``task_map="map"`` as ``mapped(fn, tasks)``, other maps as ``plain``."""
 
     def map_tasks(fn, tasks, task_map="vmap"):
-        if task_map != "map":
-            return plain(fn, tasks, task_map)
-        return jax.lax.scan(lambda carry, t: (carry, fn(t)), None, tasks, unroll=n)[1]
+        return mapped(fn, tasks) if task_map == "map" else plain(fn, tasks, task_map)
 
     return map_tasks
+
+
+def unrolled_map_tasks(plain: Callable, n: int) -> Callable:
+    """``map_tasks`` with ``task_map="map"`` as ``lax.scan(..., unroll=n)``; other maps as ``plain``."""
+    return _with_map(plain, lambda fn, tasks: jax.lax.scan(lambda c, t: (c, fn(t)), None, tasks, unroll=n)[1])
+
+
+def _replace_task_map(make: Callable[[Callable], Callable]) -> None:
+    """Swap the library's ``map_tasks`` (in ``core`` and ``algorithms.base``) for ``make(current)``."""
+    core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
+    core.map_tasks = base.map_tasks = make(core.map_tasks)
 
 
 def patch(variant: str) -> None:
@@ -118,16 +127,10 @@ def patch(variant: str) -> None:
         pool = conv4.max_pool2x2
         conv4.max_pool2x2 = lambda x: nn.relu(pool(x))
     elif variant.startswith("mapb") and variant[4:].isdigit():
-        core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
-        plain, size = core.map_tasks, int(variant[4:])
-
-        def map_tasks(fn, tasks, task_map="vmap"):
-            return jax.lax.map(fn, tasks, batch_size=size) if task_map == "map" else plain(fn, tasks, task_map)
-
-        core.map_tasks = base.map_tasks = map_tasks
+        size = int(variant[4:])
+        _replace_task_map(lambda plain: _with_map(plain, lambda fn, tasks: jax.lax.map(fn, tasks, batch_size=size)))
     elif variant.startswith("unroll") and variant[6:].isdigit():
-        core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
-        core.map_tasks = base.map_tasks = unrolled_map_tasks(core.map_tasks, int(variant[6:]))
+        _replace_task_map(lambda plain: unrolled_map_tasks(plain, int(variant[6:])))
     elif variant == "fixedbatch":
         sample = bench.sample_fn
 

@@ -113,9 +113,14 @@ def _mlp_tasks(key: jax.Array, w: dict) -> Task:
     return Task(Batch(xs, jax.random.normal(kys, xs.shape)), Batch(xq, jax.random.normal(kyq, xq.shape)))
 
 
+def _workload(name: str, num_tasks: int | None) -> dict:
+    """``WORKLOADS[name]``, with ``num_tasks`` tasks when given."""
+    return dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
+
+
 def sample_fn(name: str, num_tasks: int | None = None):
     """``sample(key, data=None) -> Task`` of workload ``name``'s exact shapes (jit-able)."""
-    w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
+    w = _workload(name, num_tasks)
     fn = _mlp_tasks if w["kind"] == "mlp" else _image_tasks
     return lambda key, data=None: fn(key, w)
 
@@ -124,7 +129,7 @@ def _setup(name: str, conv_impl: str, num_tasks: int | None, **adapt_kwargs):
     """``(state, tasks, optimizer, make_grads, make_objective)`` of workload ``name``:
     ``make_grads(task_map)`` is the per-task meta-gradient (``batched_meta_grad``) and
     ``make_objective(task_map)`` the mapped mean loss (``batched_meta_loss``)."""
-    w = dict(WORKLOADS[name], **({} if num_tasks is None else {"tasks": num_tasks}))
+    w = _workload(name, num_tasks)
     k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
     if w["kind"] == "mlp":
         model = mlp((40, 40), 1)

@@ -1,24 +1,18 @@
 """experiments/compare_algorithms.py: one command per row, a table from the runs' eval.json."""
 
-import importlib.util
 import json
 import shlex
-from pathlib import Path
 
 import pytest
+from experiment_scripts import load
 
 from maml_jax.algorithms.registry import ALGORITHMS
 from maml_jax.config import apply_overrides, load_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "compare_algorithms.py"
-
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_algorithms", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("compare_algorithms")
 
 
 def test_rows_cover_the_family_and_fomaml(compare):

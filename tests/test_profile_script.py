@@ -1,13 +1,10 @@
 """experiments/profile_step.py: the op-kind grouping and a real traced sinusoid step."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "profile_step.py"
-_spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
-profile_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_step)
+from experiment_scripts import load
+
+profile_step = load("profile_step")
 
 
 def test_op_kinds_fall_into_the_documented_groups():

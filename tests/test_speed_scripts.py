@@ -1,29 +1,18 @@
 """experiments/speed_variants.py and experiments/conv_grad_under_map.py: the variants they time
 compute what the library computes (so a timing compares like with like)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from experiment_scripts import load
 
 from maml_jax import bench
 from maml_jax.models.conv4 import conv3x3
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speed_variants = _load("speed_variants")
-conv_grad_under_map = _load("conv_grad_under_map")
+speed_variants = load("speed_variants")
+conv_grad_under_map = load("conv_grad_under_map")
 
 
 def test_vjp_conv_matches_the_patch_convolution_to_second_order(x64):

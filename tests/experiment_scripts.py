@@ -1,0 +1,15 @@
+"""Import a script of ``experiments/`` as a module (they are not a package): ``load("profile_step")``."""
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load(name: str) -> ModuleType:
+    """The module of ``experiments/<name>.py``, executed once per call."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
