@@ -40,7 +40,8 @@ everywhere (``lax`` was 8-20x slower in every combination), ``map`` for the imag
 (with per-task gradients, 1.4-1.9x the ``vmap`` rate) and ``vmap`` for the sinusoid (1.3x the
 ``map`` rate). On GPU/TPU measure ``lax``/``vmap`` too. ``--tasks`` overrides the task count
 (for smoke tests only: the result is then not the benchmark shape). ``flops_per_step`` is
-XLA's count for the vmapped step, whichever ``--task-map`` is timed.
+XLA's count for the vmapped step, whichever ``--task-map`` is timed, with every inner step
+counted (``step_flops``).
 """
 
 from __future__ import annotations
@@ -235,6 +236,27 @@ def _flops(analysis) -> float:
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
+def step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None) -> float:
+    """FLOPs of one train step of workload ``name``, from XLA's cost analysis of the vmapped
+    step (before optimisation).
+
+    XLA counts a loop body once, whatever its trip count, so the step with K inner steps (one
+    ``lax.scan``) reads as if it had one. Every inner step adds the same work (its forward and
+    backward on the support set and, second order, their derivative in the meta-gradient), so
+    the count is linear in K: ``F(K) = F(0) + K·(F(1) − F(0))`` with F(0) and F(1) counted
+    exactly (a scan of length 0 or 1 has no repeated body)."""
+    k = WORKLOADS[name]["steps"]
+
+    def count(num_inner_steps: int) -> float:
+        step, state, tasks, _ = build(name, "vmap", conv_impl, num_tasks, num_inner_steps=num_inner_steps)
+        return _flops(step.lower(state, tasks).cost_analysis())
+
+    if k <= 1:
+        return count(k)
+    f0, f1 = count(0), count(1)
+    return f0 + k * (f1 - f0)
+
+
 def check_task_split(name: str, num_tasks: int | None, cpu_devices: int) -> None:
     """``ValueError`` unless workload ``name``'s task batch (or ``num_tasks``) splits evenly
     over ``cpu_devices``."""
@@ -267,13 +289,11 @@ def measure(
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
     n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
     check_task_split(name, num_tasks, n_dev)
-    chunk, state, tasks, make_step = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev)
+    chunk, state, tasks, _ = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev)
     t0 = time.perf_counter()
     compiled = chunk.lower(state, None).compile()
     compile_s = time.perf_counter() - t0
-    # XLA's count for one step of the vmapped program before optimisation (it counts a
-    # lax.map or scan body once)
-    flops = _flops(make_step("vmap").lower(state, tasks).cost_analysis())
+    flops = step_flops(name, conv_impl, num_tasks)
     for _ in range(-(-warmup // steps_per_call)):
         state, metrics = compiled(state, None)
     jax.block_until_ready(state)

@@ -93,3 +93,21 @@ def test_all_workloads_run():
     )
     assert [r["workload"] for r in results] == sorted(bench.WORKLOADS)
     assert all(r["it_per_s"] > 0 for r in results)
+
+
+def test_step_flops_counts_every_inner_step(monkeypatch):
+    """XLA counts a loop body once, so the 5-inner-step workload's step read as one inner step;
+    ``step_flops`` equals XLA's count of the same step with the inner ``lax.scan`` unrolled."""
+    name = "omniglot-20w1s"
+    assert bench.WORKLOADS[name]["steps"] == 5
+
+    def xla_count():
+        step, state, tasks, _ = bench.build(name, "vmap", num_tasks=2)
+        return bench._flops(step.lower(state, tasks).cost_analysis())
+
+    counted = bench.step_flops(name, num_tasks=2)
+    rolled = xla_count()
+    monkeypatch.setattr(jax.lax, "scan", functools.partial(jax.lax.scan, unroll=True))
+    unrolled = xla_count()
+    assert counted == pytest.approx(unrolled, rel=1e-4)
+    assert rolled < 0.5 * unrolled  # what bench reported before: the scan body once
