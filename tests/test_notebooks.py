@@ -49,7 +49,14 @@ def notebook_script(path: Path, parameters: dict[str, object]) -> str:
         parts.append(source)
         if "parameters" in tags:
             seen_parameters = True
-            assigned = {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets}
+            assigned = {
+                name.id
+                for node in ast.parse(source).body
+                if isinstance(node, ast.Assign | ast.AnnAssign)
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                for name in ast.walk(target)
+                if isinstance(name, ast.Name)
+            }
             unknown = set(parameters) - assigned
             assert not unknown, f"{path.name}: the parameters cell assigns no {sorted(unknown)}"
             parts.append("\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
@@ -59,8 +66,11 @@ def notebook_script(path: Path, parameters: dict[str, object]) -> str:
 
 def run_notebook(name: str, parameters: dict[str, object], cwd: Path) -> str:
     script = notebook_script(NOTEBOOKS / name, parameters)
-    env = dict(os.environ, MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+    # on CPU whatever the host has (the Omniglot notebook picks its layout by backend), and the
+    # package importable from the repository even without an install
+    path = os.pathsep.join(filter(None, [str(NOTEBOOKS.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
 
@@ -69,15 +79,20 @@ def test_notebook_script_injects_parameters_and_skips_install(tmp_path):
     nb = {
         "cells": [
             {"cell_type": "code", "metadata": {"tags": ["colab-install"]}, "source": ["raise SystemExit(3)"]},
-            {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": ["N = 100\n", "M = 2"]},
+            {
+                "cell_type": "code",
+                "metadata": {"tags": ["parameters"]},
+                "source": ["N = 100\n", "M: int = 2\n", "A, B = 1, 2"],
+            },
             {"cell_type": "markdown", "metadata": {}, "source": ["N = 0"]},
             {"cell_type": "code", "metadata": {}, "source": ["print(N * M)"]},
         ]
     }
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
-    out = subprocess.run([sys.executable, "-c", notebook_script(path, {"N": 7})], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "14"
+    script = notebook_script(path, {"N": 7, "M": 3, "B": 5})
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "21"
     with pytest.raises(AssertionError, match="assigns no"):
         notebook_script(path, {"STEPS": 1})
 
