@@ -236,6 +236,13 @@ def _flops(analysis) -> float:
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
+def xla_step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None, **adapt_kwargs) -> float:
+    """XLA's own FLOP count of one vmapped train step of workload ``name`` (before optimisation),
+    ``adapt_kwargs`` as in ``build``. A loop body counts once: see ``step_flops``."""
+    step, state, tasks, _ = build(name, "vmap", conv_impl, num_tasks, **adapt_kwargs)
+    return _flops(step.lower(state, tasks).cost_analysis())
+
+
 def step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None) -> float:
     """FLOPs of one train step of workload ``name``, from XLA's cost analysis of the vmapped
     step (before optimisation).
@@ -246,14 +253,9 @@ def step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None 
     the count is linear in K: ``F(K) = F(0) + K·(F(1) − F(0))`` with F(0) and F(1) counted
     exactly (a scan of length 0 or 1 has no repeated body)."""
     k = WORKLOADS[name]["steps"]
-
-    def count(num_inner_steps: int) -> float:
-        step, state, tasks, _ = build(name, "vmap", conv_impl, num_tasks, num_inner_steps=num_inner_steps)
-        return _flops(step.lower(state, tasks).cost_analysis())
-
     if k <= 1:
-        return count(k)
-    f0, f1 = count(0), count(1)
+        return xla_step_flops(name, conv_impl, num_tasks)
+    f0, f1 = (xla_step_flops(name, conv_impl, num_tasks, num_inner_steps=n) for n in (0, 1))
     return f0 + k * (f1 - f0)
 
 

@@ -101,14 +101,10 @@ def test_step_flops_counts_every_inner_step(monkeypatch):
     name = "omniglot-20w1s"
     assert bench.WORKLOADS[name]["steps"] == 5
 
-    def xla_count():
-        step, state, tasks, _ = bench.build(name, "vmap", num_tasks=2)
-        return bench._flops(step.lower(state, tasks).cost_analysis())
-
     counted = bench.step_flops(name, num_tasks=2)
-    rolled = xla_count()
+    rolled = bench.xla_step_flops(name, num_tasks=2)
     monkeypatch.setattr(jax.lax, "scan", functools.partial(jax.lax.scan, unroll=True))
-    unrolled = xla_count()
+    unrolled = bench.xla_step_flops(name, num_tasks=2)
     assert counted == pytest.approx(unrolled, rel=1e-4)
     # what bench reported before: XLA counted the scan body once (should a later XLA multiply by
     # the trip count, this fails and the extrapolation in step_flops is no longer needed)

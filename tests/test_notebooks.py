@@ -120,7 +120,7 @@ def test_omniglot_notebook_trains_evaluates_and_plots(tmp_path):
     }
     out = run_notebook("omniglot_maml.ipynb", params, tmp_path)
     # LAYOUT "auto" on CPU keeps the library's CPU defaults (the GPU/TPU layout's grouped
-    # convolutions take minutes per step on XLA:CPU)
+    # convolutions are too slow on XLA:CPU for the test suite)
     assert "'conv_impl': 'patches', 'task_map': 'map', 'num_devices': 1" in out
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_iterations"] == 10 and config["name"] == "omniglot_5w1s"
