@@ -6,9 +6,9 @@ data, since timing does not depend on values). ``it_per_s`` is meta-steps per se
 program is the training path the library runs (``train.make_sampling_train_chunk``): one
 compiled call runs ``--steps-per-call N`` train steps in a ``lax.scan``, each sampling its task
 batch on device (random images/points of the workload's exact shapes) from
-``fold_in(rng, step)``, parameters and optimizer state carried from step to step, and each
-task's meta-gradient taken inside the task map (``algorithms.batched_meta_grad``), as
-``maml-jax train`` does.
+``fold_in(rng, step)``, parameters and optimizer state carried from step to step, and the
+meta-gradient from ``algorithms.batched_meta_grad`` (each task's inside the task map with
+``map``, the mean loss's with ``vmap``), as ``maml-jax train`` does.
 ``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~1 ms
 step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
 
@@ -166,10 +166,11 @@ def build(
     called as ``make_step(task_map, jit=False)``. ``adapt_kwargs`` (e.g. ``num_inner_steps``,
     ``first_order``, ``remat``) override the workload's.
 
-    ``per_task_grads=True`` is what ``maml-jax train`` runs: each task's meta-gradient inside
-    the task map (``batched_meta_grad`` of ``algorithms.maml``); ``False`` differentiates the
-    mapped mean loss (``value_and_grad`` of ``batched_meta_loss``): the same gradient, but
-    through ``lax.map`` it keeps every task's activations for the backward pass."""
+    ``per_task_grads=True`` is what ``maml-jax train`` runs: ``batched_meta_grad`` of
+    ``algorithms.maml`` (with ``map``, each task's meta-gradient inside the map); ``False``
+    differentiates the mapped mean loss (``value_and_grad`` of ``batched_meta_loss``): the
+    same gradient, but through ``lax.map`` it keeps every task's activations for the
+    backward pass."""
     state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks, **adapt_kwargs)
     make_step = _step_maker(optimizer, make_grads, make_objective, per_task_grads)
     return make_step(task_map), state, tasks, make_step
@@ -247,11 +248,12 @@ def step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None 
     """FLOPs of one train step of workload ``name``, from XLA's cost analysis of the vmapped
     step (before optimisation).
 
-    XLA counts a loop body once, whatever its trip count, so the step with K inner steps (one
-    ``lax.scan``) reads as if it had one. Every inner step adds the same work (its forward and
-    backward on the support set and, second order, their derivative in the meta-gradient), so
-    the count is linear in K: ``F(K) = F(0) + K·(F(1) − F(0))`` with F(0) and F(1) counted
-    exactly (a scan of length 0 or 1 has no repeated body)."""
+    XLA counts a loop body once, whatever its trip count, so the step with K inner steps (the
+    first, then a ``lax.scan`` of K − 1) reads as if it had two. Every inner step adds the
+    same work (its forward and backward on the support set and, second order, their
+    derivative in the meta-gradient), so the count is linear in K:
+    ``F(K) = F(0) + K·(F(1) − F(0))`` with F(0) and F(1) counted exactly (with K ≤ 1 the
+    scan is empty)."""
     k = WORKLOADS[name]["steps"]
     if k <= 1:
         return xla_step_flops(name, conv_impl, num_tasks)

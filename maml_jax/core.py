@@ -48,7 +48,8 @@ def inner_adapt(
       params: the meta-parameters θ (any pytree).
       support: ``Batch(x: [n, *features], y: [n, *targets])`` of one task.
       task_loss_fn: ``(params, batch) -> (loss, aux)``.
-      num_inner_steps: K >= 0 (static: it is the ``lax.scan`` length). 0 returns ``params``.
+      num_inner_steps: K >= 0 (static). 0 returns ``params``. The first step runs on its
+        own and the other K − 1 in one ``lax.scan``.
       inner_lr: α for plain SGD; or give ``inner_update_fn`` (exactly one of the two).
       inner_update_fn: ``(params, grads, step) -> params``, see ``maml_jax.inner_updates``.
       first_order: FOMAML: treat the inner gradients as constants (``stop_gradient``).
@@ -99,7 +100,14 @@ def inner_adapt(
         one_step = jax.checkpoint(one_step, policy=policy)
     elif remat_policy is not None:
         raise HyperparameterError("remat_policy is only used with remat=True")
-    adapted, trace = jax.lax.scan(one_step, params, jnp.arange(num_inner_steps))
+    if num_inner_steps == 0:
+        return jax.lax.scan(one_step, params, jnp.arange(0))
+    # The first step runs outside the scan: under ``vmap`` its input is the shared θ, not a
+    # per-task copy (a scan carry is batched from the start), so its forward and backward
+    # passes are ordinary batched ops rather than per-task (grouped) ones.
+    first, out0 = one_step(params, jnp.zeros((), jnp.int32))
+    adapted, trace = jax.lax.scan(one_step, first, jnp.arange(1, num_inner_steps))
+    trace = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), out0, trace)
     return adapted, trace
 
 

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from maml_jax import Task, batched_meta_loss, init_train_state, mlp, mse_loss
-from maml_jax.algorithms import batched_evaluate, batched_meta_grad, fomaml, maml
+from maml_jax.algorithms import anil, batched_evaluate, batched_meta_grad, fomaml, imaml, maml, reptile
 from maml_jax.data import sinusoid
 from maml_jax.train import make_train_step, make_train_step_from_grads
 
@@ -48,3 +49,34 @@ def test_train_step_from_grads_matches_make_train_step_and_evaluate_adapts():
     before = batched_evaluate(small, params, fit, 0)["query_loss"]
     after = batched_evaluate(small, params, fit, 5)["query_loss"]
     assert before.shape == (4,) and float(after.mean()) < float(before.mean())
+
+
+@pytest.mark.usefixtures("x64")
+def test_vmap_batched_meta_grad_is_the_mean_of_per_task_gradients():
+    """Under vmap, an algorithm with a ``meta_loss`` is differentiated through the task-mean
+    loss once; that must be the mean of its per-task ``meta_grad``s (a Python loop) and equal
+    the ``map`` path, which takes each task's gradient inside the map. Algorithms without an
+    exact meta-loss (Reptile, iMAML) keep the per-task path."""
+    loss, params, tasks = setup()
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    tasks = jax.tree.map(lambda a: a.astype(jnp.float64), tasks)
+    algorithms = [
+        maml(loss, num_inner_steps=3, inner_lr=0.05),
+        maml(loss, num_inner_steps=1, inner_lr=0.05, first_order=True),
+        anil(loss, num_inner_steps=2, inner_lr=0.05),
+    ]
+    for alg in algorithms:
+        assert alg.meta_loss is not None
+        meta = alg.init(params)
+        step = jnp.int32(0)
+        (value, metrics), grads = batched_meta_grad(alg, meta, tasks, step, task_map="vmap")
+        per_task = [alg.meta_grad(meta, jax.tree.map(lambda a, i=i: a[i], tasks), step) for i in range(4)]
+        ref_value = np.mean([float(v) for (v, _), _ in per_task])
+        ref_grads = jax.tree.map(lambda *g: sum(g) / 4, *[g for _, g in per_task])
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        np.testing.assert_allclose(metrics["query_loss"], ref_value, rtol=1e-12)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), grads, ref_grads)
+        (_, _), mapped = batched_meta_grad(alg, meta, tasks, step, task_map="map")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), grads, mapped)
+    assert reptile(loss, num_inner_steps=1, inner_lr=0.1).meta_loss is None
+    assert imaml(loss, num_inner_steps=1, inner_lr=0.1).meta_loss is None

@@ -106,6 +106,7 @@ def test_step_flops_counts_every_inner_step(monkeypatch):
     monkeypatch.setattr(jax.lax, "scan", functools.partial(jax.lax.scan, unroll=True))
     unrolled = bench.xla_step_flops(name, num_tasks=2)
     assert counted == pytest.approx(unrolled, rel=1e-4)
-    # what bench reported before: XLA counted the scan body once (should a later XLA multiply by
-    # the trip count, this fails and the extrapolation in step_flops is no longer needed)
-    assert rolled < 0.5 * unrolled
+    # XLA's own count: the first inner step (outside the scan, core.inner_adapt) and the scan
+    # body once, 2 of 5 inner steps (should a later XLA multiply by the trip count, this fails
+    # and the extrapolation in step_flops is no longer needed)
+    assert rolled < 0.6 * unrolled

@@ -20,6 +20,7 @@ from maml_jax.validation import HyperparameterError
 def test_meta_gradient_equal_with_and_without_remat(x64, first_order, policy):
     model = mlp((16, 16), 1, activation="tanh")
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((5, 1)))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)  # flax initialises float32
     tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), 3, 5, 5)
     loss = functools.partial(
         batched_meta_loss,

@@ -13,6 +13,11 @@ plus whatever the algorithm meta-learns beside them, e.g. Meta-SGD's step sizes)
   adapting with ``num_inner_steps`` steps at meta-test (``num_inner_steps`` is static).
   Metrics follow ``core.meta_loss``: ``query_loss`` and the task loss's aux as ``query_<name>``.
 
+Optionally, ``meta_loss(meta_params, task, step) -> (loss, metrics)``: one task's
+differentiable meta-loss, given when ``meta_grad`` is exactly its gradient (MAML, FOMAML and
+every ``from_meta_loss`` variant). With it, ``batched_meta_grad`` under ``vmap``
+differentiates the task-mean loss once instead of mapping per-task gradients.
+
 ``batched_meta_grad`` averages ``meta_grad`` over a task batch, and
 ``train.make_train_step_from_grads`` turns it into an optax train step, so that every
 algorithm trains with the same outer loop.
@@ -32,6 +37,7 @@ from maml_jax.validation import check_task
 
 MetaGradFn = Callable[[Params, Task, jax.Array], tuple[tuple[jax.Array, Metrics], Params]]
 EvaluateFn = Callable[[Params, Task, int], Metrics]
+MetaLossFn = Callable[[Params, Task, jax.Array], tuple[jax.Array, Metrics]]
 
 
 class Algorithm(NamedTuple):
@@ -39,16 +45,31 @@ class Algorithm(NamedTuple):
     init: Callable[[Params], Params]
     meta_grad: MetaGradFn
     evaluate: EvaluateFn
+    meta_loss: MetaLossFn | None = None  # set only when meta_grad is its exact gradient
 
 
 def batched_meta_grad(
     algorithm: Algorithm, meta_params: Params, tasks: Task, step: jax.Array, task_map: TaskMap = "vmap"
 ) -> tuple[tuple[jax.Array, Metrics], Params]:
     """Task means of ``algorithm.meta_grad`` over ``tasks`` ``[tasks, n, *features]``:
-    ``((mean loss, mean metrics), mean grads)``."""
+    ``((mean loss, mean metrics), mean grads)``.
+
+    ``task_map="map"`` takes each task's gradient inside the map (one task's activations
+    live at a time). ``task_map="vmap"`` with an ``algorithm.meta_loss`` differentiates the
+    vmapped mean loss instead: ∇(1/T Σ_i L_i) = 1/T Σ_i ∇L_i, the same gradient, but the
+    terms of θ that every task shares (the first inner step's forward pass from θ) reach θ
+    as one contraction over the whole batch, ``[T·n, a]ᵀ[T·n, b]``, not T per-task ones
+    summed afterwards."""
     check_task(tasks, task_axis=True)
-    (losses, metrics), grads = map_tasks(lambda t: algorithm.meta_grad(meta_params, t, step), tasks, task_map)
     mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)  # noqa: E731
+    if task_map == "vmap" and algorithm.meta_loss is not None:
+
+        def mean_loss(p):
+            losses, metrics = jax.vmap(lambda t: algorithm.meta_loss(p, t, step))(tasks)
+            return jnp.mean(losses), mean(metrics)
+
+        return jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
+    (losses, metrics), grads = map_tasks(lambda t: algorithm.meta_grad(meta_params, t, step), tasks, task_map)
     return (jnp.mean(losses), mean(metrics)), mean(grads)
 
 
@@ -71,11 +92,14 @@ def from_meta_loss(
     variant's inner update bound): ``meta_grad`` differentiates it at ``num_inner_steps``,
     ``evaluate`` returns its metrics at the requested number of steps."""
 
-    def meta_grad(meta_params, task, step):
+    def task_loss(meta_params, task, step):
         del step
-        return jax.value_and_grad(loss_fn, has_aux=True)(meta_params, task, num_inner_steps)
+        return loss_fn(meta_params, task, num_inner_steps)
+
+    def meta_grad(meta_params, task, step):
+        return jax.value_and_grad(task_loss, has_aux=True)(meta_params, task, step)
 
     def evaluate(meta_params, task, num_steps):
         return loss_fn(meta_params, task, num_steps)[1]
 
-    return Algorithm(name, init, meta_grad, evaluate)
+    return Algorithm(name, init, meta_grad, evaluate, task_loss)

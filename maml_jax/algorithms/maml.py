@@ -26,14 +26,15 @@ def maml(
     ``remat`` rematerialises the inner steps (``core.inner_adapt``). ``inner_grad_clip`` > 0
     clips each inner gradient to that global norm (``inner_updates.clip_by_global_norm``), in
     training and in ``evaluate``; second order differentiates through the clipping. Through
-    ``batched_meta_grad`` each task's gradient is taken inside the task map, so with
-    ``task_map="map"`` only one task's activations are live at a time."""
+    ``batched_meta_grad`` with ``task_map="map"`` each task's gradient is taken inside the
+    task map, so only one task's activations are live at a time; with ``"vmap"`` the mean
+    loss is differentiated once (``meta_loss`` of the ``Algorithm``)."""
     check_num_steps(num_inner_steps)
     update = sgd(inner_lr, inner_grad_clip)  # checks inner_lr
 
-    def meta_grad(meta_params, task, step):
+    def task_meta_loss(meta_params, task, step):
         del step
-        return jax.value_and_grad(meta_loss, has_aux=True)(
+        return meta_loss(
             meta_params,
             task,
             task_loss_fn,
@@ -43,11 +44,15 @@ def maml(
             inner_update_fn=update,
         )
 
+    def meta_grad(meta_params, task, step):
+        return jax.value_and_grad(task_meta_loss, has_aux=True)(meta_params, task, step)
+
     def evaluate(meta_params, task, num_steps):
         _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_update_fn=update)
         return metrics
 
-    return Algorithm("fomaml" if first_order else "maml", lambda params: params, meta_grad, evaluate)
+    name = "fomaml" if first_order else "maml"
+    return Algorithm(name, lambda params: params, meta_grad, evaluate, task_meta_loss)
 
 
 def fomaml(task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float) -> Algorithm:
