@@ -24,6 +24,8 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
 * ``onedraw``: the sinusoid sampler draws its points and targets from one ``[tasks, 2(shots +
   query)]`` uniform block (targets through ``erfinv``) instead of four ``jax.random`` calls, each
   a rolled threefry loop on CPU. Same distributions, other numbers.
+* ``flatadam``: the benchmark's Adam wrapped in ``optax.flatten`` (one moment vector instead of
+  one per parameter leaf: fewer, larger update kernels).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from maml_jax import bench
 
@@ -141,6 +144,8 @@ def patch(variant: str) -> None:
         bench.sample_fn = fixed_sample_fn
     elif variant == "onedraw":
         bench._mlp_tasks = _one_draw_mlp_tasks
+    elif variant == "flatadam":
+        bench.optax = types.SimpleNamespace(adam=lambda lr: optax.flatten(optax.adam(lr)))
     else:
         raise SystemExit(f"unknown variant {variant!r}")
 
