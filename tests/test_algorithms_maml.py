@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from maml_jax import Task, batched_meta_loss, init_train_state, mlp, mse_loss
-from maml_jax.algorithms import anil, batched_evaluate, batched_meta_grad, fomaml, imaml, maml, reptile
+from maml_jax.algorithms import anil, batched_evaluate, batched_meta_grad, fomaml, imaml, maml, meta_lstm, reptile
 from maml_jax.data import sinusoid
 from maml_jax.train import make_train_step, make_train_step_from_grads
 
@@ -64,6 +64,7 @@ def test_vmap_batched_meta_grad_is_the_mean_of_per_task_gradients():
         maml(loss, num_inner_steps=3, inner_lr=0.05),
         maml(loss, num_inner_steps=1, inner_lr=0.05, first_order=True),
         anil(loss, num_inner_steps=2, inner_lr=0.05),
+        meta_lstm(loss, num_inner_steps=2),
     ]
     for alg in algorithms:
         assert alg.meta_loss is not None

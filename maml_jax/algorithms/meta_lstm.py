@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from maml_jax.algorithms.base import Algorithm
+from maml_jax.algorithms.base import Algorithm, from_meta_loss
 from maml_jax.core import inner_adapt
 from maml_jax.inner_updates import clip_by_global_norm
 from maml_jax.types import Metrics, Params, Task, TaskLossFn
@@ -173,11 +173,4 @@ def meta_lstm(
             meta_params, task, task_loss_fn, num_inner_steps=k, hidden=hidden, max_grad_norm=max_grad_norm
         )
 
-    def meta_grad(meta_params, task, step):
-        del step
-        return jax.value_and_grad(loss, has_aux=True)(meta_params, task, num_inner_steps)
-
-    def evaluate(meta_params, task, num_steps):
-        return loss(meta_params, task, num_steps)[1]
-
-    return Algorithm("meta_lstm", init, meta_grad, evaluate)
+    return from_meta_loss("meta_lstm", loss, num_inner_steps, init)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maml_jax.algorithms.base import Algorithm
+from maml_jax.algorithms.base import Algorithm, from_meta_loss
 from maml_jax.types import Metrics, Params, Task
 from maml_jax.validation import HyperparameterError, ShapeError, check_task
 
@@ -57,15 +57,8 @@ def protonets(embed_fn: EmbedFn, *, ways: int, embed_jointly: bool = True) -> Al
     if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
         raise HyperparameterError(f"ways must be an int >= 1, got {ways!r}")
 
-    def loss(params, task):
+    def loss(params, task, num_steps):
+        del num_steps  # no inner loop
         return prototypical_loss(params, task, embed_fn, ways=ways, embed_jointly=embed_jointly)
 
-    def meta_grad(meta_params, task, step):
-        del step
-        return jax.value_and_grad(loss, has_aux=True)(meta_params, task)
-
-    def evaluate(meta_params, task, num_steps):
-        del num_steps
-        return loss(meta_params, task)[1]
-
-    return Algorithm("protonets", lambda params: params, meta_grad, evaluate)
+    return from_meta_loss("protonets", loss, 0)
