@@ -1,5 +1,7 @@
 """The ``Algorithm`` interface: MAML through it equals the core's batched meta-loss gradient."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,17 @@ import optax
 import pytest
 
 from maml_jax import Task, batched_meta_loss, init_train_state, mlp, mse_loss
-from maml_jax.algorithms import anil, batched_evaluate, batched_meta_grad, fomaml, imaml, maml, meta_lstm, reptile
+from maml_jax.algorithms import (
+    anil,
+    batched_evaluate,
+    batched_meta_grad,
+    fomaml,
+    imaml,
+    maml,
+    maml_plus_plus,
+    meta_lstm,
+    reptile,
+)
 from maml_jax.data import sinusoid
 from maml_jax.train import make_train_step, make_train_step_from_grads
 
@@ -65,19 +77,26 @@ def test_vmap_batched_meta_grad_is_the_mean_of_per_task_gradients():
         maml(loss, num_inner_steps=1, inner_lr=0.05, first_order=True),
         anil(loss, num_inner_steps=2, inner_lr=0.05),
         meta_lstm(loss, num_inner_steps=2),
+        maml_plus_plus(loss, num_inner_steps=2, inner_lr=0.05),  # MSL on, no annealing: static
     ]
-    for alg in algorithms:
+    step = jnp.int32(0)
+    for alg in algorithms:  # every function jitted (eager dispatch made this test slow)
         assert alg.meta_loss is not None
         meta = alg.init(params)
-        step = jnp.int32(0)
-        (value, metrics), grads = batched_meta_grad(alg, meta, tasks, step, task_map="vmap")
-        per_task = [alg.meta_grad(meta, jax.tree.map(lambda a, i=i: a[i], tasks), step) for i in range(4)]
+        vmapped, mapped = (jax.jit(functools.partial(batched_meta_grad, alg, task_map=m)) for m in ("vmap", "map"))
+        (value, metrics), grads = vmapped(meta, tasks, step)
+        per_task_grad = jax.jit(alg.meta_grad)
+        per_task = [per_task_grad(meta, jax.tree.map(lambda a, i=i: a[i], tasks), step) for i in range(4)]
         ref_value = np.mean([float(v) for (v, _), _ in per_task])
         ref_grads = jax.tree.map(lambda *g: sum(g) / 4, *[g for _, g in per_task])
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
-        np.testing.assert_allclose(metrics["query_loss"], ref_value, rtol=1e-12)
+        for name, m in metrics.items():  # every metric the task mean of the per-task ones
+            np.testing.assert_allclose(m, np.mean([float(ms[name]) for (_, ms), _ in per_task]), rtol=1e-12)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), grads, ref_grads)
-        (_, _), mapped = batched_meta_grad(alg, meta, tasks, step, task_map="map")
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), grads, mapped)
+        (_, _), by_map = mapped(meta, tasks, step)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), grads, by_map)
     assert reptile(loss, num_inner_steps=1, inner_lr=0.1).meta_loss is None
     assert imaml(loss, num_inner_steps=1, inner_lr=0.1).meta_loss is None
+    # MAML++ while its first-order / multi-step-loss switches can flip (a lax.cond on the step)
+    annealed = maml_plus_plus(loss, num_inner_steps=2, inner_lr=0.05, msl_anneal_iters=6, first_order_iters=2)
+    assert annealed.meta_loss is None

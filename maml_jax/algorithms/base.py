@@ -14,8 +14,8 @@ plus whatever the algorithm meta-learns beside them, e.g. Meta-SGD's step sizes)
   Metrics follow ``core.meta_loss``: ``query_loss`` and the task loss's aux as ``query_<name>``.
 
 Optionally, ``meta_loss(meta_params, task, step) -> (loss, metrics)``: one task's
-differentiable meta-loss, given when ``meta_grad`` is exactly its gradient (MAML, FOMAML and
-every ``from_meta_loss`` variant). With it, ``batched_meta_grad`` under ``vmap``
+differentiable meta-loss, given when ``meta_grad`` is exactly its gradient (MAML, FOMAML,
+MAML++ and every ``from_meta_loss`` variant). With it, ``batched_meta_grad`` under ``vmap``
 differentiates the task-mean loss once instead of mapping per-task gradients.
 
 ``batched_meta_grad`` averages ``meta_grad`` over a task batch, and

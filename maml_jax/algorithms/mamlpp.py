@@ -31,6 +31,7 @@ Iteration counts are outer steps (the authors' code counts epochs of 500 iterati
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -199,7 +200,9 @@ def maml_plus_plus(
       first_order_iters: DA; first-order meta-gradients while ``step < first_order_iters``.
 
     ``meta_grad(meta_params, task, step)`` returns the gradient of the (weighted) meta-loss with
-    respect to ``{"params", "inner_lrs"}``.
+    respect to ``{"params", "inner_lrs"}``. Without annealing (``msl_anneal_iters`` and
+    ``first_order_iters`` 0, or MSL off) the ``Algorithm`` also carries that loss as
+    ``meta_loss``, which ``batched_meta_grad`` differentiates under ``vmap``.
     """
     check_num_steps(num_inner_steps)
     if num_inner_steps < 1:
@@ -216,29 +219,43 @@ def maml_plus_plus(
             meta_params["inner_lrs"] = jax.tree.map(lambda p: jnp.full((k,), inner_lr, jnp.result_type(p)), params)
         return meta_params
 
-    def meta_grad(meta_params, task, step):
-        def grads(first_order, use_msl):
-            weights = multi_step_loss_weights(step, k, msl_anneal_iters) if use_msl else None
-            return lambda: jax.value_and_grad(mamlpp_meta_loss, has_aux=True)(
-                meta_params,
-                task,
-                step_loss,
-                num_inner_steps=k,
-                inner_lr=inner_lr,
-                step_weights=weights,
-                first_order=first_order,
-            )
-
+    def switched(step, make):
+        """``make(first_order, use_msl)()`` for the DA and MSL switches at outer step ``step``:
+        ``lax.cond`` on a traced ``step``, so only the active branch runs."""
         msl_on = (step < msl_anneal_iters) if (multi_step_loss and msl_anneal_iters > 0) else False
         fo_on = (step < first_order_iters) if first_order_iters > 0 else False
         return _branch(
             fo_on,
-            lambda: _branch(msl_on, grads(True, True), grads(True, False)),
-            lambda: _branch(msl_on, grads(False, True), grads(False, False)),
+            lambda: _branch(msl_on, make(True, True), make(True, False)),
+            lambda: _branch(msl_on, make(False, True), make(False, False)),
         )
+
+    def loss_fn(first_order, use_msl, step):
+        weights = multi_step_loss_weights(step, k, msl_anneal_iters) if use_msl else None
+        return functools.partial(
+            mamlpp_meta_loss,
+            step_loss_fn=step_loss,
+            num_inner_steps=k,
+            inner_lr=inner_lr,
+            step_weights=weights,
+            first_order=first_order,
+        )
+
+    def task_meta_loss(meta_params, task, step):
+        return switched(step, lambda fo, msl: lambda: loss_fn(fo, msl, step)(meta_params, task))
+
+    def meta_grad(meta_params, task, step):
+        # the switch outside the gradient: each branch keeps only its own residuals
+        grad = lambda fo, msl: lambda: jax.value_and_grad(loss_fn(fo, msl, step), has_aux=True)(meta_params, task)  # noqa: E731
+        return switched(step, grad)
 
     def evaluate(meta_params, task, num_steps):
         _, metrics = mamlpp_meta_loss(meta_params, task, step_loss, num_inner_steps=num_steps, inner_lr=inner_lr)
         return metrics
 
-    return Algorithm("maml++", init, meta_grad, evaluate)
+    # A meta-loss only when the DA/MSL switches are static: a lax.cond inside the gradient
+    # computes the residuals of every branch (the sinusoid trained 25-40% slower so,
+    # experiments/results/bench/tried_2026-11-24.md), so while
+    # a switch can flip, batched_meta_grad keeps the per-task gradients, each behind the cond.
+    static = first_order_iters == 0 and not (multi_step_loss and msl_anneal_iters > 0)
+    return Algorithm("maml++", init, meta_grad, evaluate, task_meta_loss if static else None)
