@@ -86,11 +86,14 @@ def from_meta_loss(
     loss_fn: Callable[[Params, Task, int], tuple[jax.Array, Metrics]],
     num_inner_steps: int,
     init: Callable[[Params], Params] = lambda params: params,
+    evaluate_loss_fn: Callable[[Params, Task, int], tuple[jax.Array, Metrics]] | None = None,
 ) -> Algorithm:
     """An ``Algorithm`` whose meta-gradient is exact backprop of a differentiable meta-loss
     ``loss_fn(meta_params, task, num_steps) -> (loss, metrics)`` (``core.meta_loss`` with the
     variant's inner update bound): ``meta_grad`` differentiates it at ``num_inner_steps``,
-    ``evaluate`` returns its metrics at the requested number of steps."""
+    ``evaluate`` returns its metrics at the requested number of steps, or those of
+    ``evaluate_loss_fn`` when given (the same loss without training-only switches such as
+    ``first_order`` and ``remat``, which change how it is differentiated, not its value)."""
 
     def task_loss(meta_params, task, step):
         del step
@@ -99,7 +102,9 @@ def from_meta_loss(
     def meta_grad(meta_params, task, step):
         return jax.value_and_grad(task_loss, has_aux=True)(meta_params, task, step)
 
+    eval_loss = loss_fn if evaluate_loss_fn is None else evaluate_loss_fn
+
     def evaluate(meta_params, task, num_steps):
-        return loss_fn(meta_params, task, num_steps)[1]
+        return eval_loss(meta_params, task, num_steps)[1]
 
     return Algorithm(name, init, meta_grad, evaluate, task_loss)

@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-import jax
+import functools
 
-from maml_jax.algorithms.base import Algorithm
+from maml_jax.algorithms.base import Algorithm, from_meta_loss
 from maml_jax.core import meta_loss
 from maml_jax.inner_updates import sgd
 from maml_jax.types import TaskLossFn
@@ -32,27 +32,12 @@ def maml(
     check_num_steps(num_inner_steps)
     update = sgd(inner_lr, inner_grad_clip)  # checks inner_lr
 
-    def task_meta_loss(meta_params, task, step):
-        del step
-        return meta_loss(
-            meta_params,
-            task,
-            task_loss_fn,
-            num_inner_steps=num_inner_steps,
-            first_order=first_order,
-            remat=remat,
-            inner_update_fn=update,
-        )
-
-    def meta_grad(meta_params, task, step):
-        return jax.value_and_grad(task_meta_loss, has_aux=True)(meta_params, task, step)
-
-    def evaluate(meta_params, task, num_steps):
-        _, metrics = meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_update_fn=update)
-        return metrics
+    def loss(meta_params, task, num_steps, train=True):
+        switches = {"first_order": first_order, "remat": remat} if train else {}
+        return meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_update_fn=update, **switches)
 
     name = "fomaml" if first_order else "maml"
-    return Algorithm(name, lambda params: params, meta_grad, evaluate, task_meta_loss)
+    return from_meta_loss(name, loss, num_inner_steps, evaluate_loss_fn=functools.partial(loss, train=False))
 
 
 def fomaml(task_loss_fn: TaskLossFn, *, num_inner_steps: int, inner_lr: float) -> Algorithm:
