@@ -1,6 +1,6 @@
 """A/B the speed ideas in ``experiments/results/bench/tried_2026-11-2{3,4}.md`` that were not kept.
 
-    python experiments/speed_variants.py VARIANT WORKLOAD [--iters N]
+    python experiments/speed_variants.py VARIANT WORKLOAD [--iters N] [--conv-impl lax] [--cpu-devices N]
 
 Patches one piece of the library in this process, then prints the benchmark's it/s
 (``bench.measure``, 2 warm-up steps). Run variants alternately with ``base`` on a quiet
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from maml_jax import bench
+from maml_jax.host import request_cpu_devices
 
 conv4 = importlib.import_module("maml_jax.models.conv4")  # the module (maml_jax.models.conv4 is also a function)
 
@@ -155,12 +156,16 @@ def main() -> None:
     ap.add_argument("variant")
     ap.add_argument("workload", choices=sorted(bench.WORKLOADS))
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--conv-impl", choices=bench.CONV_IMPLS, default=bench.CONV_IMPLS[0])
+    ap.add_argument("--cpu-devices", type=int, default=1, help="CPU devices the task batch is split over")
     a = ap.parse_args()
+    request_cpu_devices(a.cpu_devices)
     if "relupool" in a.variant.split("+") and bench.WORKLOADS[a.workload]["kind"] != "miniimagenet":
         ap.error("relupool needs a workload with max-pool (miniimagenet-5w1s)")
     for v in a.variant.split("+"):
         patch(v)
-    print(a.variant, round(bench.measure(a.workload, iters=a.iters, warmup=2)["it_per_s"], 4), flush=True)
+    r = bench.measure(a.workload, iters=a.iters, warmup=2, conv_impl=a.conv_impl, cpu_devices=a.cpu_devices)
+    print(a.variant, round(r["it_per_s"], 4), f"compile {r['compile_s']:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
