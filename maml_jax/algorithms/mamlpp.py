@@ -219,11 +219,14 @@ def maml_plus_plus(
             meta_params["inner_lrs"] = jax.tree.map(lambda p: jnp.full((k,), inner_lr, jnp.result_type(p)), params)
         return meta_params
 
+    msl_switch = multi_step_loss and msl_anneal_iters > 0  # MSL weights anneal: flips at a step
+    fo_switch = first_order_iters > 0  # DA: first order before a step
+
     def switched(step, make):
         """``make(first_order, use_msl)()`` for the DA and MSL switches at outer step ``step``:
         ``lax.cond`` on a traced ``step``, so only the active branch runs."""
-        msl_on = (step < msl_anneal_iters) if (multi_step_loss and msl_anneal_iters > 0) else False
-        fo_on = (step < first_order_iters) if first_order_iters > 0 else False
+        msl_on = (step < msl_anneal_iters) if msl_switch else False
+        fo_on = (step < first_order_iters) if fo_switch else False
         return _branch(
             fo_on,
             lambda: _branch(msl_on, make(True, True), make(True, False)),
@@ -255,7 +258,7 @@ def maml_plus_plus(
 
     # A meta-loss only when the DA/MSL switches are static: a lax.cond inside the gradient
     # computes the residuals of every branch (the sinusoid trained 25-40% slower so,
-    # experiments/results/bench/tried_2026-11-24.md), so while
-    # a switch can flip, batched_meta_grad keeps the per-task gradients, each behind the cond.
-    static = first_order_iters == 0 and not (multi_step_loss and msl_anneal_iters > 0)
+    # experiments/results/bench/tried_2026-11-24.md), so while a switch can flip,
+    # batched_meta_grad keeps the per-task gradients, each behind the cond.
+    static = not (msl_switch or fo_switch)
     return Algorithm("maml++", init, meta_grad, evaluate, task_meta_loss if static else None)
