@@ -18,7 +18,8 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
 * ``unrollN``: the task map as ``lax.scan(..., unroll=N)`` where the workload uses ``map``: N
   tasks per loop iteration, whose independent kernels XLA:CPU may run concurrently.
 * ``fixedbatch``: every step trains on one task batch drawn once, as ``torch_peers.py`` times
-  its peers, instead of sampling a new batch on device (the sampler's share of the step).
+  its peers, instead of sampling a new batch on device (the sampler's share of the step); the
+  same as the bench's ``--fixed-tasks``.
   For the sinusoid run it under ``taskset -c 0`` with ``--iters 4000``: the bench's one-CPU
   default is not applied here.
 * ``onedraw``: the sinusoid sampler draws its points and targets from one ``[tasks, 2(shots +
@@ -136,13 +137,7 @@ def patch(variant: str) -> None:
     elif variant.startswith("unroll") and variant[6:].isdigit():
         _replace_task_map(lambda plain: unrolled_map_tasks(plain, int(variant[6:])))
     elif variant == "fixedbatch":
-        sample = bench.sample_fn
-
-        def fixed_sample_fn(name, num_tasks=None):
-            tasks = jax.jit(sample(name, num_tasks))(jax.random.PRNGKey(0))
-            return lambda key, data=None: tasks
-
-        bench.sample_fn = fixed_sample_fn
+        pass  # no patch: main measures with bench's own fixed_tasks=True (``--fixed-tasks``)
     elif variant == "onedraw":
         bench._mlp_tasks = _one_draw_mlp_tasks
     elif variant == "flatadam":
@@ -164,7 +159,10 @@ def main() -> None:
         ap.error("relupool needs a workload with max-pool (miniimagenet-5w1s)")
     for v in a.variant.split("+"):
         patch(v)
-    r = bench.measure(a.workload, iters=a.iters, warmup=2, conv_impl=a.conv_impl, cpu_devices=a.cpu_devices)
+    fixed = "fixedbatch" in a.variant.split("+")
+    r = bench.measure(
+        a.workload, iters=a.iters, warmup=2, conv_impl=a.conv_impl, cpu_devices=a.cpu_devices, fixed_tasks=fixed
+    )
     print(a.variant, round(r["it_per_s"], 4), f"compile {r['compile_s']:.1f} s", flush=True)
 
 

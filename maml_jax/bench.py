@@ -9,6 +9,9 @@ batch on device (random images/points of the workload's exact shapes) from
 ``fold_in(rng, step)``, parameters and optimizer state carried from step to step, and the
 meta-gradient from ``algorithms.batched_meta_grad`` (each task's inside the task map with
 ``map``, the mean loss's with ``vmap``), as ``maml-jax train`` does.
+``--fixed-tasks`` instead trains every step on one batch drawn before timing, which is how
+``torch_peers.py`` times the peers (the same chunk, with the batch as its data; the sampler's
+share of the step, 8-12% for the sinusoid and 2-6% for the images on a 2-core EPYC, drops out).
 ``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~1 ms
 step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
 
@@ -200,14 +203,17 @@ def build_chunk(
     conv_impl: str = CONV_IMPLS[0],
     num_tasks=None,
     num_devices: int = 1,
+    fixed_tasks: bool = False,
 ):
-    """``(jitted chunk(state, None) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
+    """``(jitted chunk(state, data) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
     ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
     ``num_devices`` > 1, split over the first ``num_devices`` devices (state replicated) by
-    ``parallel.make_sharded_train_chunk``, the chunk ``maml-jax train`` runs. The state is donated."""
+    ``parallel.make_sharded_train_chunk``, the chunk ``maml-jax train`` runs. The state is donated.
+    Call it with ``data=None``; with ``fixed_tasks`` call it with ``data=tasks``: every step then
+    trains on that one batch, as the PyTorch peers time it (no sampling in the timed step)."""
     state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks)
     make_step = _step_maker(optimizer, make_grads, make_objective)
-    sample = sample_fn(name, num_tasks)
+    sample = _given_tasks if fixed_tasks else sample_fn(name, num_tasks)
     if num_devices == 1:
         chunk = make_sampling_train_chunk(make_step(task_map, jit=False), sample, steps_per_call)
         return jax.jit(chunk, donate_argnums=0), state, tasks, make_step
@@ -215,6 +221,12 @@ def build_chunk(
     grads = make_grads(task_map)
     chunk = parallel.make_sharded_train_chunk(grads, optimizer, sample, steps_per_call, mesh, donate=True)
     return chunk, parallel.replicate(state, mesh), tasks, make_step
+
+
+def _given_tasks(key: jax.Array, tasks: Task) -> Task:
+    """The ``sample_fn`` of a fixed batch: the tasks passed in as the chunk's data."""
+    del key
+    return tasks
 
 
 def matmul_peak_gflops(n: int = 2048, iters: int = 10, windows: int = 5) -> float:
@@ -279,6 +291,7 @@ def measure(
     num_tasks: int | None = None,
     steps_per_call: int | None = None,
     cpu_devices: int | None = None,
+    fixed_tasks: bool = False,
 ) -> dict:
     """Compile, warm up, then time ``iters`` meta-steps (``iters // steps_per_call`` calls of
     the fused chunk) split into at most ``windows`` equal windows; ``it_per_s`` (meta-steps/s)
@@ -286,20 +299,24 @@ def measure(
     / ``steps_per_call=None`` take the workload's defaults; ``steps_per_call`` is capped at
     ``iters``. ``cpu_devices``: split the tasks over that many CPU devices (default
     ``DEFAULT_CPU_DEVICES``; at most ``jax.device_count()``, which ``main`` raises with
-    ``jax_num_cpu_devices``; 1 off CPU)."""
+    ``jax_num_cpu_devices``; 1 off CPU). ``fixed_tasks``: every step trains on one batch sampled
+    before timing, as the PyTorch peers do, instead of sampling a new batch on device each step."""
     task_map = task_map or DEFAULT_TASK_MAP[name]
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
     n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
     check_task_split(name, num_tasks, n_dev)
-    chunk, state, tasks, _ = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev)
+    chunk, state, tasks, _ = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks)
+    data = None
+    if fixed_tasks:
+        data = parallel.replicate(tasks, parallel.default_mesh(n_dev)) if n_dev > 1 else tasks
     t0 = time.perf_counter()
-    compiled = chunk.lower(state, None).compile()
+    compiled = chunk.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     flops = step_flops(name, conv_impl, num_tasks)
     for _ in range(-(-warmup // steps_per_call)):
-        state, metrics = compiled(state, None)
+        state, metrics = compiled(state, data)
     jax.block_until_ready(state)
     calls = max(1, iters // steps_per_call)
     windows = max(1, min(windows, calls))
@@ -308,7 +325,7 @@ def measure(
     for _ in range(windows):
         t0 = time.perf_counter()
         for _ in range(per_window):
-            state, metrics = compiled(state, None)
+            state, metrics = compiled(state, data)
         jax.block_until_ready(state)
         rates.append(per_window * steps_per_call / (time.perf_counter() - t0))
     return {
@@ -321,6 +338,7 @@ def measure(
         "iters": per_window * windows * steps_per_call,
         "steps_per_call": steps_per_call,
         "task_map": task_map,
+        "fixed_tasks": fixed_tasks,
         "conv_impl": None if WORKLOADS[name]["kind"] == "mlp" else conv_impl,
         "tasks": int(tasks.query.x.shape[0]),
         "backend": jax.default_backend(),
@@ -342,6 +360,8 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
     for flag, key in [*flags, ("--cpu-devices", "cpu_devices")]:
         if kwargs.get(key) is not None:
             cmd += [flag, str(kwargs[key])]
+    if kwargs.get("fixed_tasks"):
+        cmd.append("--fixed-tasks")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
@@ -417,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         "--task-map", default=None, choices=["vmap", "map"], help="default: the workload's (DEFAULT_TASK_MAP)"
     )
     ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
+    ap.add_argument(
+        "--fixed-tasks",
+        action="store_true",
+        help="train every step on one batch sampled before timing, as the PyTorch peers do "
+        "(default: a new batch sampled on device each step, inside the timed step)",
+    )
     ap.add_argument("--tasks", type=int, default=None, help="override the task count (tests only; not the bench shape)")
     ap.add_argument("--compare-peers", action="store_true", help="also run the PyTorch peers; print a table")
     ap.add_argument("--json", action="store_true", help="with --compare-peers: JSON lines instead of the table")
@@ -493,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         iters, warmup = a.iters or iters, warmup if a.warmup is None else a.warmup
         kwargs = dict(task_map=a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks, steps_per_call=a.steps_per_call)
         kwargs["cpu_devices"] = devices_of[name]
+        kwargs["fixed_tasks"] = a.fixed_tasks
         rounds = []
         for _ in range(a.rounds if a.compare_peers else 1):
             if in_process or not cpus_of[name]:

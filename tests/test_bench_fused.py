@@ -5,6 +5,9 @@ import json
 import sys
 import textwrap
 
+import chex
+import jax
+import jax.numpy as jnp
 import pytest
 
 from maml_jax import bench
@@ -63,3 +66,27 @@ def test_compare_peers_without_the_venv_shows_ours_only(tmp_path, capsys):
     assert bench.main(argv + ["--peers-python", str(tmp_path / "none"), "--peak-size", "128"]) == 0
     captured = capsys.readouterr()
     assert "peers not found" in captured.err and "peers" not in json.loads(captured.out)
+
+
+def test_fixed_tasks_chunk_trains_on_the_given_batch():
+    """``fixed_tasks``: the fused chunk repeats the train step on the batch passed in (what the
+    PyTorch peers time), so it equals stepping that batch by hand; the default chunk samples new
+    tasks each step and does not."""
+    chunk, state, tasks, make_step = bench.build_chunk("sinusoid", "vmap", 3, num_tasks=2, fixed_tasks=True)
+    step = make_step("vmap")  # donates its state argument, as the chunks do: step copies
+    by_hand = jax.tree.map(jnp.copy, state)
+    for _ in range(3):
+        by_hand, _ = step(by_hand, tasks)
+    by_hand = jax.device_get(by_hand.meta_params)
+    fixed, metrics = chunk(jax.tree.map(jnp.copy, state), tasks)
+    assert metrics["query_loss"].shape == (3,)
+    chex.assert_trees_all_close(jax.device_get(fixed.meta_params), by_hand, rtol=1e-5, atol=1e-6)
+    sampling, _, _, _ = bench.build_chunk("sinusoid", "vmap", 3, num_tasks=2)
+    sampled, _ = sampling(jax.tree.map(jnp.copy, state), None)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), jax.device_get(sampled.meta_params), by_hand)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_measure_reports_fixed_tasks():
+    r = bench.measure("sinusoid", iters=4, warmup=0, num_tasks=2, steps_per_call=2, windows=2, fixed_tasks=True)
+    assert r["fixed_tasks"] is True and r["iters"] == 4 and r["it_per_s"] > 0
