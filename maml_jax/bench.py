@@ -542,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.compare_peers and not a.json:
         print(
             f"backend {jax.default_backend()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores; matmul peak {peak:.0f} GFLOP/s ({a.peak_size}x{a.peak_size} float32, JAX)"
+            f"{os.cpu_count()} cores; matmul peak {peak:.0f} GFLOP/s ({a.peak_size}x{a.peak_size} float32, JAX); "
+            + (
+                "ours on one fixed task batch, as the peers"
+                if a.fixed_tasks
+                else "ours sampling tasks on device each step"
+            )
         )
         print(peer_table(results, peers))
     return 0
