@@ -11,7 +11,7 @@ meta-gradient from ``algorithms.batched_meta_grad`` (each task's inside the task
 ``map``, the mean loss's with ``vmap``), as ``maml-jax train`` does.
 ``--fixed-tasks`` instead trains every step on one batch drawn before timing, which is how
 ``torch_peers.py`` times the peers (the same chunk, with the batch as its data; the sampler's
-share of the step, 8-12% for the sinusoid and at most 6% for the images on a 2-core EPYC, drops out).
+share of the step, about 10% for the sinusoid and at most 6% for the images on a 2-core EPYC, drops out).
 ``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~1 ms
 step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
 
