@@ -209,8 +209,9 @@ def build_chunk(
     ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
     ``num_devices`` > 1, split over the first ``num_devices`` devices (state replicated) by
     ``parallel.make_sharded_train_chunk``, the chunk ``maml-jax train`` runs. The state is donated.
-    Call it with ``data=None``; with ``fixed_tasks`` call it with ``data=tasks``: every step then
-    trains on that one batch, as the PyTorch peers time it (no sampling in the timed step)."""
+    Call it with ``data=None``; with ``fixed_tasks`` call it with ``data=tasks`` (replicated on the
+    devices with the state): every step then trains on that one batch, as the PyTorch peers time
+    it (no sampling in the timed step)."""
     state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks)
     make_step = _step_maker(optimizer, make_grads, make_objective)
     sample = _given_tasks if fixed_tasks else sample_fn(name, num_tasks)
@@ -220,6 +221,8 @@ def build_chunk(
     mesh = parallel.default_mesh(num_devices)
     grads = make_grads(task_map)
     chunk = parallel.make_sharded_train_chunk(grads, optimizer, sample, steps_per_call, mesh, donate=True)
+    if fixed_tasks:  # the chunk's data, placed on the mesh like the state
+        tasks = parallel.replicate(tasks, mesh)
     return chunk, parallel.replicate(state, mesh), tasks, make_step
 
 
@@ -308,9 +311,7 @@ def measure(
     n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
     check_task_split(name, num_tasks, n_dev)
     chunk, state, tasks, _ = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks)
-    data = None
-    if fixed_tasks:
-        data = parallel.replicate(tasks, parallel.default_mesh(n_dev)) if n_dev > 1 else tasks
+    data = tasks if fixed_tasks else None
     t0 = time.perf_counter()
     compiled = chunk.lower(state, data).compile()
     compile_s = time.perf_counter() - t0

@@ -50,11 +50,13 @@ def test_image_tasks_shapes_and_labels():
     assert tasks.query.y[3].tolist() == [c for c in range(20) for _ in range(5)]
 
 
-def test_omniglot_bench_prints_one_json_line():
-    """Two tasks instead of 32 (``--tasks`` is for tests; not the benchmark shape)."""
-    (result,) = run_bench(
-        "--workload", "omniglot-5w1s", "--iters", "1", "--warmup", "0", "--tasks", "2", fast_compile=True
-    )
+@pytest.mark.parametrize("fixed", [False, True])
+def test_omniglot_bench_prints_one_json_line(fixed):
+    """Two tasks instead of 32 (``--tasks`` is for tests; not the benchmark shape); with
+    ``--fixed-tasks`` too, through the two-CPU-device chunk."""
+    args = ["--workload", "omniglot-5w1s", "--iters", "1", "--warmup", "0", "--tasks", "2"]
+    (result,) = run_bench(*args, *(["--fixed-tasks"] if fixed else []), fast_compile=True)
+    assert result["fixed_tasks"] is fixed
     assert result["workload"] == "omniglot-5w1s" and result["it_per_s"] > 0 and result["compile_s"] > 0
     assert result["tasks"] == 2 and result["iters"] == 1
     # the Omniglot workloads split their tasks over two CPU devices by default (DEFAULT_CPU_DEVICES)
