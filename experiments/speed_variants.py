@@ -11,6 +11,10 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   convolution again and the weight gradient 9 matmuls over shifted views, each rule calling
   the custom functions so that second-order terms stay in the family. No forward mode
   (``custom_vjp``), so iMAML cannot use it.
+* ``shiftconv``: every convolution as 9 accumulated matmuls over the shifted views, without
+  stacking them into one patch tensor (less copying, but 9 matmuls with ``K = C``).
+* ``bn1pass``: BatchNorm's variance as ``E[x²] − E[x]²`` (one read of the activations for both
+  moments instead of two).
 * ``pairmax``: 2x2 max-pool as ``maximum`` of the four strided views.
 * ``relupool``: ReLU after the max-pool instead of before (exact: ReLU is monotone);
   miniimagenet-5w1s only (the Omniglot net has no max-pool, so it would lose its ReLUs).
@@ -88,6 +92,30 @@ def _pairwise_max_pool(x):
     return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]), jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
 
 
+def shift_conv(x, k, stride):
+    """``conv4.conv3x3`` as 9 accumulated matmuls ``Σ_ij view_ij [n·H'·W', C] @ k[i, j] [C, F]``
+    over the shifted (strided) views of the padded input, instead of one matmul with the views
+    stacked into a ``[n·H'·W', 9·C]`` patch tensor."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = 0.0
+    for i in range(3):
+        for j in range(3):
+            v = jax.lax.slice(
+                xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1)
+            )
+            out = out + v.reshape(n * ho * wo, c) @ k[i, j]
+    return out.reshape(n, ho, wo, -1)
+
+
+def one_pass_batch_norm(x, scale, bias, eps=conv4.BN_EPS):
+    """``conv4.batch_norm`` with the variance as ``E[x²] − E[x]²``: both moments from one read of ``x``."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean)
+    return (x - mean) * (scale * jax.lax.rsqrt(var + eps)) + bias
+
+
 def _one_draw_mlp_tasks(key, w):
     """``bench._mlp_tasks`` from one uniform draw: ``x ~ U(-5, 5)``, ``y = √2 erfinv(u) ~ N(0, 1)``."""
     n, ns = w["shots"] + w["query"], w["shots"]
@@ -123,6 +151,10 @@ def patch(variant: str) -> None:
     if variant == "vjpconv":
         patches_conv = conv4.conv3x3
         conv4.conv3x3 = lambda x, k, stride, impl: vjp_conv(x, k) if stride == 1 else patches_conv(x, k, stride, impl)
+    elif variant == "shiftconv":
+        conv4.conv3x3 = lambda x, k, stride, impl: shift_conv(x, k, stride)
+    elif variant == "bn1pass":
+        conv4.batch_norm = one_pass_batch_norm
     elif variant == "pairmax":
         conv4.max_pool2x2 = _pairwise_max_pool
     elif variant == "relupool":
