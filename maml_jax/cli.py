@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument(
         "--model", default=None, help="which trained model of the run (default: the meta-learned one, e.g. maml)"
     )
+    p_eval.add_argument(
+        "--data-dir", default=None, help="dataset directory (default: the data_dir in the run's config.json)"
+    )
     p_eval.add_argument("--num-tasks", type=int, default=None, help="meta-test tasks (default: the config's)")
     p_eval.add_argument(
         "--inner-grad-clip",
@@ -117,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv, overrides = split_config_overrides(argv)
         args = parser.parse_args(argv)
+        if overrides and args.command != "train":
+            keys = ", ".join(f"--config.{k}" for k in overrides)
+            hint = "; eval uses the run's own config.json (--data-dir points it at data that moved)"
+            hint = hint if args.command == "eval" else ""
+            raise ConfigError(f"{keys}: --config overrides apply to train only, not to {args.command}{hint}")
         if args.command == "list-configs":
             print("\n".join(list_configs()))
             return 0
@@ -124,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             from maml_jax.experiment import evaluate_run
 
             out = evaluate_run(
-                args.run_dir, label=args.model, num_tasks=args.num_tasks, inner_grad_clip=args.inner_grad_clip
+                args.run_dir,
+                label=args.model,
+                num_tasks=args.num_tasks,
+                inner_grad_clip=args.inner_grad_clip,
+                data_dir=args.data_dir,
             )
             print(f"model at step {out['step']}\n{out['table']}")
             return 0

@@ -438,14 +438,18 @@ def evaluate_run(
     label: str | None = None,
     num_tasks: int | None = None,
     inner_grad_clip: float | None = None,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Meta-test evaluation of a (possibly unfinished) run with its own config; writes
     ``eval-step<N>.json`` / ``.md`` beside it and returns ``{"results", "table", "step"}``.
     ``label``: which model of the run (default: the meta-learned one). ``inner_grad_clip``
     replaces the run's own for the SGD adaptation at meta-test (0 = none); the files are then
-    ``eval-step<N>-clip<c>.*``, so the run's own evaluation is not overwritten."""
+    ``eval-step<N>-clip<c>.*``, so the run's own evaluation is not overwritten. ``data_dir``
+    replaces the config's (a run moved to another machine, or data that moved)."""
     workdir = Path(workdir)
     config, _, params, step = load_trained(workdir, label)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=str(data_dir)).validate()
     suffix = ""
     if inner_grad_clip is not None:
         config = dataclasses.replace(config, inner_grad_clip=float(inner_grad_clip)).validate()

@@ -98,6 +98,8 @@ def test_bad_config_exits_2_with_the_key_named(capsys):
 def test_list_configs(capsys):
     assert main(["list-configs"]) == 0
     assert "sinusoid" in capsys.readouterr().out.split()
+    assert main(["list-configs", "--config.bogus_key=1"]) == 2  # not silently ignored
+    assert "--config.bogus_key: --config overrides apply to train only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("entry", [["-m", "maml_jax.bench"], ["-m", "maml_jax", "bench"]])

@@ -91,6 +91,18 @@ def test_eval_and_lake_runs_on_a_20_way_omniglot_run(data_root, tmp_path, monkey
     assert main(["eval", "--run-dir", str(workdir), "--num-tasks", "2"]) == 0
     assert "model at step 2" in capsys.readouterr().out
     assert (workdir / "eval-step2.json").exists()
+    first = json.loads((workdir / "eval-step2.json").read_text())["results"]
+
+    # the data moved: --data-dir replaces the run's data_dir; a --config override is refused
+    moved = tmp_path / "moved_omniglot"
+    moved.symlink_to(OMNIGLOT, target_is_directory=True)
+    assert main(["eval", "--run-dir", str(workdir), "--num-tasks", "2", "--data-dir", str(moved)]) == 0
+    assert json.loads((workdir / "eval-step2.json").read_text())["results"] == first
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(workdir), "--data-dir", str(tmp_path / "gone")]) == 4
+    assert str(tmp_path / "gone") in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(workdir), f"--config.data_dir={moved}"]) == 2
+    assert "apply to train only" in capsys.readouterr().err
 
     runs = write_lake_runs_fixture(tmp_path / "lake", num_runs=20)
     assert main(["eval-lake-runs", "--run-dir", str(workdir), "--runs", str(runs)]) == 0

@@ -25,8 +25,8 @@ def get_config() -> Config:
         activation="relu",
         # PyTorch's nn.Linear init (weights and biases ~ U(±1/√fan_in)). With zero biases
         # (flax's and the original TF code's default) every first-layer ReLU kink starts at
-        # x = 0 on this 1-D input; spreading them gives a better-conditioned initialisation
-        # (1-step MSE 0.58-0.61 vs 0.615-0.62 with lecun_normal + zero bias, K=5, 600 tasks).
+        # x = 0 on this 1-D input; spreading them seemed better-conditioned at 2974b97, but at
+        # HEAD lecun_normal trains as well (README, "Initialisation": within the seed spread).
         kernel_init="torch_default",
         shots=10,
         queries=10,
