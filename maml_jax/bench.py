@@ -296,8 +296,9 @@ def measure(
     cpu_devices: int | None = None,
     fixed_tasks: bool = False,
 ) -> dict:
-    """Compile, warm up, then time ``iters`` meta-steps (``iters // steps_per_call`` calls of
-    the fused chunk) split into at most ``windows`` equal windows; ``it_per_s`` (meta-steps/s)
+    """Compile, warm up, then time about ``iters`` meta-steps: whole calls of the fused chunk
+    (``steps_per_call`` steps each) in at most ``windows`` equal windows, so the count is rounded
+    down to that (the result's ``"iters"`` is the number timed); ``it_per_s`` (meta-steps/s)
     is the median window rate (robust to a noisy neighbour on a shared CPU). ``task_map=None``
     / ``steps_per_call=None`` take the workload's defaults; ``steps_per_call`` is capped at
     ``iters``. ``cpu_devices``: split the tasks over that many CPU devices (default

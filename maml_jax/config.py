@@ -322,6 +322,11 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def _schedule_spans_num_iterations(config: Config) -> bool:
+    """Whether the training trajectory depends on ``num_iterations`` (not only where it stops)."""
+    return config.cosine_outer_lr or (config.algorithm == "maml++" and config.first_order)
+
+
 def check_resume_compatible(saved: dict, config: Config, where: str) -> None:
     """Raise ``ConfigError`` if ``config`` changes a field of the run in ``where`` (its saved
     ``config.json``) that decides the training trajectory, e.g. the algorithm or a learning
@@ -332,6 +337,10 @@ def check_resume_compatible(saved: dict, config: Config, where: str) -> None:
         for f in dataclasses.fields(Config)
         if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(config, f.name)
     ]
+    if old.num_iterations != config.num_iterations and _schedule_spans_num_iterations(config):
+        # the cosine outer rate (and MAML++'s first-order span under first_order) is a function
+        # of num_iterations: a new total would change every step's rate from here on
+        changed.append(f"num_iterations: {old.num_iterations!r} -> {config.num_iterations!r} (a schedule spans it)")
     if changed:
         raise ConfigError(
             f"{where} holds a run of a different experiment ({'; '.join(changed)}); resuming it would mix "

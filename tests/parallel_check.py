@@ -1,6 +1,8 @@
 """Run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before
 jax is imported): task-parallel meta-gradients and training over 1, 2, 4, 8 CPU devices equal
-the single-device ones. Prints one JSON line of max abs differences; used by test_parallel.py."""
+the single-device ones, and a task batch that does not split evenly over the devices is refused.
+Prints one JSON line of max abs differences and of the errors raised for uneven batches; used
+by test_parallel.py."""
 
 import functools
 import json
@@ -28,6 +30,17 @@ def max_diff(a, b) -> float:
     return max(float(abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def uneven_split_error(meta_grad, params, num_devices: int, num_tasks: int) -> dict | None:
+    """The error ``shard_meta_grad`` over ``num_devices`` raises for ``num_tasks`` tasks
+    (``{"type", "message"}``), or ``None`` when it computes a result."""
+    tasks = sinusoid.sample_tasks(jax.random.PRNGKey(3), num_tasks, 5, 5)
+    try:
+        jax.block_until_ready(shard_meta_grad(meta_grad, default_mesh(num_devices))(params, tasks, 0))
+    except Exception as err:  # reported, whatever it is, for the test to check
+        return {"type": type(err).__name__, "message": str(err)}
+    return None
+
+
 def main(task_map: str, counts: list[int]) -> None:
     model = mlp((16, 16), 1)
     loss_fn = mse_loss(model.apply)
@@ -49,6 +62,9 @@ def main(task_map: str, counts: list[int]) -> None:
     ref_chunk, _ = jax.jit(make_sampling_train_chunk(make_train_step(objective, optimizer), sample, 3))(state0, None)
 
     out = {"devices": jax.device_count()}
+    # "devices/tasks": 3 tasks over 2 devices, 12 over 8 (more tasks than devices); the even
+    # splits are the comparisons below
+    out["uneven"] = {f"{d}/{t}": uneven_split_error(meta_grad, params, d, t) for d, t in ((2, 3), (8, 12))}
     for n in counts:
         mesh = default_mesh(n)
         (_, _), grads = jax.jit(shard_meta_grad(meta_grad, mesh))(params, tasks, 0)

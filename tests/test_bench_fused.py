@@ -4,6 +4,7 @@ with a stand-in peers script (the real one needs torch)."""
 import json
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import chex
 import jax
@@ -27,9 +28,54 @@ FAKE_PEERS = textwrap.dedent(
 )
 
 
-def test_fused_steps_count_meta_steps():
-    r = bench.measure("sinusoid", iters=6, warmup=0, num_tasks=2, steps_per_call=3, windows=2)
-    assert r["steps_per_call"] == 3 and r["iters"] == 6 and r["it_per_s"] > 0
+SECONDS_PER_STEP = 0.125  # a power of two: the expected rates below are exact in floating point
+
+
+class _TimedChunk:
+    """A chunk (or its ``lower(...).compile()``) that moves ``clock`` by ``SECONDS_PER_STEP``
+    for each meta-step it runs (read from the state's step counter) and records the steps per
+    call in ``clock.calls``."""
+
+    def __init__(self, fn, clock):
+        self.fn, self.clock = fn, clock
+
+    def __call__(self, state, data):
+        before = int(state.step)  # read before the call donates the state
+        state, metrics = self.fn(state, data)
+        steps = int(state.step) - before
+        self.clock.calls.append(steps)
+        self.clock.now += SECONDS_PER_STEP * steps
+        return state, metrics
+
+    def lower(self, *args):
+        lowered = self.fn.lower(*args)
+        return SimpleNamespace(compile=lambda: _TimedChunk(lowered.compile(), self.clock))
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """``bench``'s ``time.perf_counter`` reads a clock that only the benchmarked chunks move,
+    ``SECONDS_PER_STEP`` per meta-step, so however often it is read, ``it_per_s`` must be
+    ``1 / SECONDS_PER_STEP`` exactly."""
+    clock = SimpleNamespace(now=1000.0, calls=[])
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    real_build_chunk = bench.build_chunk
+
+    def build_chunk(*args, **kwargs):
+        chunk, *rest = real_build_chunk(*args, **kwargs)
+        return (_TimedChunk(chunk, clock), *rest)
+
+    monkeypatch.setattr(bench, "build_chunk", build_chunk)
+    return clock
+
+
+def test_fused_steps_count_meta_steps(step_clock):
+    # 13 iters at 3 steps per call: 4 calls, timed in 2 windows of 2 calls; 12 meta-steps timed
+    r = bench.measure("sinusoid", iters=13, warmup=0, num_tasks=2, steps_per_call=3, windows=2)
+    assert step_clock.calls == [3, 3, 3, 3]
+    assert r["steps_per_call"] == 3 and r["iters"] == 12
+    # meta-steps per second (calls per second would be 8 / 3)
+    assert r["it_per_s"] == r["it_per_s_min"] == r["it_per_s_max"] == 1 / SECONDS_PER_STEP == 8.0
     assert r["flops_per_step"] > 0
 
 
@@ -88,6 +134,7 @@ def test_fixed_tasks_chunk_trains_on_the_given_batch():
     assert max(jax.tree.leaves(diff)) > 1e-4
 
 
-def test_measure_reports_fixed_tasks():
+def test_measure_reports_fixed_tasks(step_clock):
     r = bench.measure("sinusoid", iters=4, warmup=0, num_tasks=2, steps_per_call=2, windows=2, fixed_tasks=True)
-    assert r["fixed_tasks"] is True and r["iters"] == 4 and r["it_per_s"] > 0
+    assert step_clock.calls == [2, 2]
+    assert r["fixed_tasks"] is True and r["iters"] == 4 and r["it_per_s"] == 1 / SECONDS_PER_STEP

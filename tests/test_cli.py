@@ -2,12 +2,14 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from flax import serialization
 
 from maml_jax import mlp, rundir
 from maml_jax.cli import main
@@ -66,6 +68,53 @@ def test_resume_matches_uninterrupted_training(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+# case -> (the run directory's model label, config overrides)
+STEP_DEPENDENT = {
+    # MSL weights anneal over 300 iterations and the outer lr follows a cosine over all 400:
+    # both depend on the step, and both are mid-schedule at the step-200 checkpoint
+    "mamlpp_anneal_cosine": (
+        "maml++",
+        [
+            "--config.algorithm=maml++",
+            "--config.mamlpp_learned_inner_lrs=false",
+            "--config.mamlpp_msl_anneal_iters=300",
+            "--config.num_inner_steps=2",
+            "--config.cosine_outer_lr=true",
+        ],
+    ),
+    # the optimizer state is a chain (clip, adam), not adam's alone
+    "outer_grad_clip": ("maml", ["--config.outer_grad_clip=1.0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_DEPENDENT))
+def test_resume_of_step_dependent_training_matches_uninterrupted(case, tmp_path, monkeypatch, capsys):
+    """A run that stopped after its step-200 checkpoint (a copy of the uninterrupted run without
+    its later checkpoint and final parameters) resumes with the same command to the same final
+    parameters and metric rows, bit for bit. (Unlike ``test_resume_matches_uninterrupted_training``
+    the first part is not a shorter run: the cosine schedule spans ``num_iterations``.)"""
+    from maml_jax import plotting
+
+    monkeypatch.setattr(plotting, "sinusoid_figure", lambda *args, **kwargs: None)  # not under test here
+    label, overrides = STEP_DEPENDENT[case]
+    cmd = [*TINY, "--config.meta_batch_size=5", "--config.baselines=", "--config.eval_shots=5"]
+    cmd += ["--config.eval_inner_steps=0,1", *overrides]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "sinusoid", "--workdir", str(full), *cmd]) == 0
+    shutil.copytree(full, part)
+    shutil.rmtree(part / label / "checkpoints" / "400")
+    (part / label / "params.msgpack").unlink()
+    capsys.readouterr()
+    assert main(["train", "sinusoid", "--workdir", str(part), *cmd]) == 0
+    assert f"{label}: dropped 2 metric row(s) logged after step 200" in capsys.readouterr().out  # resumed at 200
+
+    a, b = (serialization.msgpack_restore((d / label / "params.msgpack").read_bytes()) for d in (full, part))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
+
+
 def test_resuming_with_a_different_experiment_is_refused(tmp_path, capsys):
     """A workdir holds one experiment: changing the algorithm or a learning rate and re-running
     must not reuse its checkpoints (or rewrite its config.json); schedule changes may."""
@@ -86,6 +135,30 @@ def test_resuming_with_a_different_experiment_is_refused(tmp_path, capsys):
     assert main(["train", "sinusoid", "--workdir", str(work), *short, "--config.algorithm=anil"]) == 2
     assert (work / "config.json").read_text() == saved
     assert main(["train", "sinusoid", "--workdir", str(work), *short, "--config.eval_num_tasks=12"]) == 0
+
+
+def test_a_longer_run_is_refused_only_where_a_schedule_spans_num_iterations():
+    """Extending ``num_iterations`` on resume only moves where a constant-rate run stops; with the
+    cosine outer rate (or MAML++ first order) it would change every later step's rate."""
+    import dataclasses
+
+    from maml_jax.config import Config, ConfigError, check_resume_compatible
+
+    for changes, refused in [
+        ({}, False),
+        ({"cosine_outer_lr": True}, True),
+        ({"algorithm": "maml++", "first_order": True}, True),
+        ({"algorithm": "maml++"}, False),
+    ]:
+        old = dataclasses.replace(Config(), num_iterations=200, **changes)
+        saved = dataclasses.asdict(old)
+        check_resume_compatible(saved, old, "run")  # the same config always resumes
+        longer = dataclasses.replace(old, num_iterations=400)
+        if refused:
+            with pytest.raises(ConfigError, match=r"num_iterations: 200 -> 400 \(a schedule spans it\)"):
+                check_resume_compatible(saved, longer, "run")
+        else:
+            check_resume_compatible(saved, longer, "run")
 
 
 def test_bad_config_exits_2_with_the_key_named(capsys):

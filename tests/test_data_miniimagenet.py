@@ -49,9 +49,14 @@ def _load(data_dir, split="train", **kwargs):
     return miniimagenet.load_miniimagenet(split, data_dir, num_classes=3, images_per_class=PER_CLASS, **kwargs)
 
 
+def _no_decoding(*args):
+    raise AssertionError("decoded an image although the cache is up to date")
+
+
 def test_csv_layout_shapes_grouping_resize_and_cache(csv_dir, monkeypatch):
+    decoded = {}
     for split in miniimagenet.SPLITS:
-        result = _load(csv_dir, split)
+        decoded[split] = result = _load(csv_dir, split)
         assert result.images.shape == (3, PER_CLASS, 84, 84, 3) and result.images.dtype == np.uint8
         assert result.class_names == CLASSES
         # class 0 holds exactly its 84x84 PNGs (in shuffled CSV order)
@@ -60,12 +65,11 @@ def test_csv_layout_shapes_grouping_resize_and_cache(csv_dir, monkeypatch):
         }
         assert miniimagenet.cache_path(csv_dir, split).is_file()
 
-    def no_decoding(*args):
-        raise AssertionError("decoded an image although the cache is up to date")
-
-    monkeypatch.setattr(miniimagenet, "_decode_image", no_decoding)
-    again = _load(csv_dir, "val")
-    np.testing.assert_array_equal(again.images, _load(csv_dir, "val").images)
+    monkeypatch.setattr(miniimagenet, "_decode_image", _no_decoding)
+    again = _load(csv_dir, "val")  # from the cache: equal to what was decoded from the images
+    assert again.images.dtype == np.uint8
+    np.testing.assert_array_equal(again.images, decoded["val"].images)
+    assert again.class_names == decoded["val"].class_names == CLASSES
     # editing the CSV invalidates the cache
     csv = csv_dir / "val.csv"
     csv.write_text(csv.read_text() + "\n")
@@ -73,11 +77,18 @@ def test_csv_layout_shapes_grouping_resize_and_cache(csv_dir, monkeypatch):
         _load(csv_dir, "val")
 
 
-def test_csv_cache_can_live_elsewhere(csv_dir, tmp_path_factory):
+def test_csv_cache_can_live_elsewhere(csv_dir, tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("mini_cache")
     result = _load(csv_dir, "test", cache_dir=cache)
     assert miniimagenet.cache_path(cache, "test").is_file() and not miniimagenet.cache_path(csv_dir, "test").exists()
     assert result.images.shape == (3, PER_CLASS, 84, 84, 3)
+    # read back from that cache (no decoding), equal to what was decoded
+    monkeypatch.setattr(miniimagenet, "_decode_image", _no_decoding)
+    again = _load(csv_dir, "test", cache_dir=cache)
+    np.testing.assert_array_equal(again.images, result.images)
+    assert again.class_names == result.class_names == CLASSES
+    with pytest.raises(AssertionError, match="cache is up to date"):  # nothing was cached beside the data
+        _load(csv_dir, "test")
 
 
 def test_pickle_layout(tmp_path):

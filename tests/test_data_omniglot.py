@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maml_jax.data import cache as data_cache
 from maml_jax.data import omniglot
 from maml_jax.data.cache import DatasetError
 
@@ -267,13 +268,65 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv(omniglot.ENV_DATA, str(tmp_path / "data"))
     assert omniglot.resolve_data_dir() == tmp_path / "data" / "omniglot"
     assert omniglot.resolve_data_dir(tmp_path / "explicit") == tmp_path / "explicit"
-    # a read-only data dir sends the cache to the default data dir
+    # the cache goes beside the data when that dir exists (and is writable), else to the default
+    # data dir; an explicit cache_dir always wins (unwritable data dirs: the tests below)
+    (tmp_path / "writable").mkdir()
+    assert omniglot.resolve_cache_dir(None, tmp_path / "writable") == tmp_path / "writable"
+    assert omniglot.resolve_cache_dir(None, tmp_path / "missing") == tmp_path / "data" / "omniglot"
+    assert omniglot.resolve_cache_dir(tmp_path / "c", tmp_path / "writable") == tmp_path / "c"
+
+
+def _no_png_decoding(*args):
+    raise AssertionError("decoded a PNG although the cache exists")
+
+
+def test_unwritable_data_dir_caches_in_the_default_data_dir(fake_zips, tmp_path, monkeypatch):
+    """A data dir the process cannot write to (faked through the ``os.access`` that
+    ``maml_jax.data.cache`` asks: CI runs as root, which a chmod does not stop) sends the cache to
+    ``$MAML_JAX_DATA/omniglot``, where the next load finds it; when that cannot be written
+    either, loading still works and only warns."""
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path) == fake_zips and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data_cache.os, "access", access)
+    monkeypatch.setenv(omniglot.ENV_DATA, str(tmp_path / "data"))
+    fallback = tmp_path / "data" / "omniglot"
+    assert omniglot.resolve_cache_dir(None, fake_zips) == fallback
+    assert omniglot.resolve_cache_dir(tmp_path / "c", fake_zips) == tmp_path / "c"  # explicit cache_dir wins
+    data = omniglot.load_omniglot(fake_zips)
+    assert data.background.images.shape == (4, 20, 28, 28)
+    assert omniglot.cache_path(fallback).is_file() and not omniglot.cache_path(fake_zips).exists()
+    with monkeypatch.context() as m:
+        m.setattr(omniglot, "_decode_png", _no_png_decoding)
+        again = omniglot.load_omniglot(fake_zips)
+    for half in omniglot.HALVES:
+        np.testing.assert_array_equal(getattr(again, half).images, getattr(data, half).images)
+        assert getattr(again, half).names == getattr(data, half).names
+
+    # the default data dir cannot be created (a file is in the way): a warning, not an error
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv(omniglot.ENV_DATA, str(blocker))
+    target = omniglot.cache_path(blocker / "omniglot")
+    with pytest.warns(UserWarning, match=f"could not write the cache {target} .*pass a writable cache_dir"):
+        unsaved = omniglot.load_omniglot(fake_zips)
+    np.testing.assert_array_equal(unsaved.evaluation.images, data.evaluation.images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "data", "server"]  # nothing written elsewhere
+    assert sorted(p.name for p in fake_zips.iterdir()) == sorted(omniglot.ZIP_NAMES.values())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only dir")
+def test_read_only_data_dir_caches_in_the_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv(omniglot.ENV_DATA, str(tmp_path / "data"))
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)
     try:
-        expected = read_only if os.access(read_only, os.W_OK) else tmp_path / "data" / "omniglot"  # root can write
-        assert omniglot.resolve_cache_dir(None, read_only) == expected
+        assert omniglot.resolve_cache_dir(None, read_only) == tmp_path / "data" / "omniglot"
     finally:
         read_only.chmod(0o755)
 

@@ -3,9 +3,11 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 
+from maml_jax import core
 from maml_jax.core import batched_meta_loss, inner_adapt
 from maml_jax.data import sinusoid
 from maml_jax.losses import mse_loss
@@ -40,6 +42,29 @@ def test_meta_gradient_equal_with_and_without_remat(x64, first_order, policy):
     assert max(float(abs(a).max()) for a in jax.tree.leaves(g0)) > 1e-3
 
 
+def _primitive_names(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitive_names(sub)
+    return names
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_remat_puts_the_inner_steps_under_checkpoint(remat):
+    """The equality test above would pass if ``remat`` were ignored; this one would not: the
+    meta-gradient's program holds a ``checkpoint`` (``remat2``) exactly when asked for."""
+    model = mlp((8,), 1)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((5, 1)))
+    tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), 2, 5, 5)
+    loss = functools.partial(
+        batched_meta_loss, tasks=tasks, task_loss_fn=mse_loss(model.apply), num_inner_steps=3, inner_lr=0.05
+    )
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p, remat=remat)[0]))(params).jaxpr
+    assert ("remat2" in _primitive_names(jaxpr)) == remat
+
+
 def test_remat_policy_without_remat_is_an_error():
     model = mlp((4,), 1)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 1)))
@@ -55,7 +80,7 @@ def test_remat_policy_without_remat_is_an_error():
         )
 
 
-def test_config_remat_trains_the_same_numbers(tmp_path):
+def test_config_remat_trains_the_same_numbers(tmp_path, monkeypatch):
     import json
 
     from maml_jax.cli import main
@@ -69,11 +94,40 @@ def test_config_remat_trains_the_same_numbers(tmp_path):
         "--config.eval_inner_steps=0",
     ]
     flags += ["--config.num_inner_steps=3"]
-    losses = []
+    losses, wrapped = [], []
+    real_checkpoint = core.jax.checkpoint
+
+    def counting_checkpoint(fn, **kwargs):  # core wraps its inner step in jax.checkpoint iff remat
+        wrapped.append(fn)
+        return real_checkpoint(fn, **kwargs)
+
+    monkeypatch.setattr(core.jax, "checkpoint", counting_checkpoint)
     for remat in ("false", "true"):
         work = tmp_path / remat
+        wrapped.clear()
         assert main(["train", "sinusoid", "--workdir", str(work), *flags, f"--config.remat={remat}"]) == 0
+        assert bool(wrapped) == (remat == "true"), "config.remat did not reach core.inner_adapt"
         losses.append([json.loads(line)["meta_loss"] for line in (work / "metrics.jsonl").read_text().splitlines()])
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
     with pytest.raises(ConfigError, match="remat"):
         apply_overrides(Config(), {"remat": "true", "algorithm": "anil"})
+
+
+def test_config_first_order_reaches_training(tmp_path):
+    """``--config.first_order=true`` trains FOMAML: other meta-losses than MAML from the same
+    seed, and the run's model is labelled ``fomaml``."""
+    import json
+
+    from maml_jax.cli import main
+
+    flags = ["--no-progress", "--config.num_iterations=100", "--config.steps_per_call=50", "--config.log_every=50"]
+    flags += ["--config.eval_num_tasks=10", "--config.baselines=", "--config.eval_shots=5"]
+    flags += ["--config.eval_inner_steps=0,1", "--config.num_inner_steps=2"]
+    losses, labels = [], []
+    for first_order in ("false", "true"):
+        work = tmp_path / first_order
+        assert main(["train", "sinusoid", "--workdir", str(work), *flags, f"--config.first_order={first_order}"]) == 0
+        losses.append([json.loads(line)["meta_loss"] for line in (work / "metrics.jsonl").read_text().splitlines()])
+        labels.append(set(json.loads((work / "eval.json").read_text())["results"]))
+    assert labels == [{"maml"}, {"fomaml"}]
+    assert losses[0][0] != pytest.approx(losses[1][0], rel=1e-4)  # the 50-step means part once updates differ

@@ -246,6 +246,57 @@ def test_every_subcommand_has_help(command, capsys):
     assert out.startswith("usage:") and "--help" in out
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exactly(
+    signum, trained, tmp_path, monkeypatch, capsys
+):
+    """In process: the signal arrives while the first chunk (steps 0-50) is being booked; training
+    stops at step 50, mid log window, with a checkpoint; the same command resumes and ends as the
+    uninterrupted run does (parameters, and metric rows whose window spans the stop)."""
+    from maml_jax import experiment, plotting
+
+    concat, sent = experiment._concat, []
+
+    def concat_then_signal(pending, metrics):  # called once per chunk, after its metrics arrive
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return concat(pending, metrics)
+
+    monkeypatch.setattr(experiment, "_concat", concat_then_signal)
+    # should the loop not catch the signal, it lands here (not in pytest's default handlers,
+    # which would end the test run) and the run goes on to finish: exit 0, failing the test
+    missed = []
+
+    def fallback(s, frame):
+        missed.append(s)
+
+    previous = {s: signal.signal(s, fallback) for s in (signal.SIGINT, signal.SIGTERM)}
+    part = tmp_path / "part"
+    try:
+        code = main(["train", "sinusoid", "--workdir", str(part), *TINY])
+        handlers_after = [signal.getsignal(s) for s in previous]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    err = capsys.readouterr().err
+    assert sent == [signum] and missed == []
+    assert handlers_after == [fallback, fallback]  # the handlers from before training are back
+    assert code == 128 + signum, err
+    saved = part / "maml" / "checkpoints" / "50"
+    assert f"{signal.Signals(signum).name} at step 50: checkpoint saved to {saved}" in err
+    assert sorted(p.name for p in (part / "maml" / "checkpoints").iterdir()) == ["50"]
+    assert not (part / "maml" / "params.msgpack").exists() and not (part / "eval.json").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(plotting, "sinusoid_figure", lambda *args, **kwargs: None)  # 3 s, not under test here
+    assert main(["train", "sinusoid", "--workdir", str(part), *TINY]) == 0  # resumes at step 50
+    full = trained / "full"
+    assert_trees_equal(final_params(full), final_params(part))
+    for name in ("metrics.jsonl", "metrics.csv"):
+        assert (full / name).read_bytes() == (part / name).read_bytes(), name
+
+
 @pytest.mark.slow
 def test_real_sigterm_then_resume_matches_uninterrupted(tmp_path):
     """A ``maml-jax train`` subprocess gets SIGTERM mid-run: it checkpoints, exits 143; the same
