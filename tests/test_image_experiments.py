@@ -6,13 +6,17 @@ import json
 import pickle
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from maml_jax.cli import main
 from maml_jax.config import list_configs
 from maml_jax.data import miniimagenet
-from maml_jax.data.lake_runs import write_lake_runs_fixture
+from maml_jax.data.lake_runs import load_lake_runs, write_lake_runs_fixture
+from maml_jax.experiment import load_trained
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 # The default suite runs the tiny 5-way 1-shot variants of both data sets; the other rows'
@@ -111,6 +115,38 @@ def test_eval_and_lake_runs_on_a_20_way_omniglot_run(data_root, tmp_path, monkey
     out = json.loads(line[0])
     assert len(out["runs"]) == 20 and 0.0 <= out["mean_accuracy"] <= 1.0
     assert out["mean_accuracy"] == pytest.approx(np.mean(list(out["runs"].values())))
+    assert out["inner_steps"] == 1 and out["model_step"] == 2
+    assert out["runs"] == pytest.approx(_lake_run_accuracies(workdir, runs))
+
+
+def _lake_run_accuracies(workdir, runs_path):
+    """Per-run accuracy of the run's MAML model on the one-shot runs, recomputed without
+    ``evaluate_lake_runs``, ``lake_run(s)_task(s)`` or ``adaptation_curve``: plain SGD with
+    ``jax.grad`` for ``max(eval_inner_steps)`` steps at ``inner_lr`` on the 20 training images
+    (labels 0..19), then argmax on the 20 test items against their ``class_labels.txt`` labels."""
+    config, model, params, _ = load_trained(workdir)
+    steps = max(config.eval_inner_steps)
+    assert steps == 1 and config.algorithm == "maml" and config.inner_grad_clip == 0  # as tiny() trains it
+
+    def support_loss(p, x):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), jnp.arange(20)).mean()
+
+    @jax.jit
+    def predict(p, support_x, query_x):
+        for _ in range(steps):
+            grads = jax.grad(support_loss)(p, support_x)
+            p = jax.tree.map(lambda w, g: w - config.inner_lr * g, p, grads)
+        return jnp.argmax(model.apply(p, query_x), -1)
+
+    def pixels(images):
+        return jnp.asarray(images, jnp.float32)[..., None] / 255.0
+
+    return {
+        run.name: float(
+            np.mean(np.asarray(predict(params, pixels(run.train_images), pixels(run.test_images))) == run.test_labels)
+        )
+        for run in load_lake_runs(runs_path)
+    }
 
 
 def test_eval_lake_runs_refuses_a_5_way_model_and_missing_runs(data_root, tmp_path, monkeypatch, capsys):
