@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if overrides and args.command != "train":
             keys = ", ".join(f"--config.{k}" for k in overrides)
-            hint = "; eval uses the run's own config.json (--data-dir points it at data that moved)"
-            hint = hint if args.command == "eval" else ""
+            hint = ""
+            if args.command == "eval":
+                hint = "; eval uses the run's own config.json (--data-dir points it at data that moved)"
             raise ConfigError(f"{keys}: --config overrides apply to train only, not to {args.command}{hint}")
         if args.command == "list-configs":
             print("\n".join(list_configs()))
