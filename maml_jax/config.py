@@ -323,8 +323,12 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def _schedule_spans_num_iterations(config: Config) -> bool:
-    """Whether the training trajectory depends on ``num_iterations`` (not only where it stops)."""
-    return config.cosine_outer_lr or (config.algorithm == "maml++" and config.first_order)
+    """Whether the training trajectory depends on ``num_iterations`` (not only where it stops).
+
+    Only the cosine outer rate does. MAML++ with ``first_order`` passes ``num_iterations`` as its
+    first-order span, but every step of any total lies inside it, so a new total changes nothing
+    (tested against an uninterrupted run)."""
+    return config.cosine_outer_lr
 
 
 def check_resume_compatible(saved: dict, config: Config, where: str) -> None:
@@ -338,8 +342,8 @@ def check_resume_compatible(saved: dict, config: Config, where: str) -> None:
         if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(config, f.name)
     ]
     if old.num_iterations != config.num_iterations and _schedule_spans_num_iterations(config):
-        # the cosine outer rate (and MAML++'s first-order span under first_order) is a function
-        # of num_iterations: a new total would change every step's rate from here on
+        # the cosine outer rate is a function of num_iterations: a new total would change every
+        # step's rate from here on
         changed.append(f"num_iterations: {old.num_iterations!r} -> {config.num_iterations!r} (a schedule spans it)")
     if changed:
         raise ConfigError(
