@@ -1,16 +1,20 @@
 """``maml-jax`` command line: ``train``, ``eval``, ``eval-lake-runs``, ``bench``, ``plot``, ``list-configs``.
 
 Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training, 4 missing or
-broken data / run directory / checkpoint, 130 / 143 training stopped by SIGINT / SIGTERM after
-saving a checkpoint (run the same command to resume).
+broken data / run directory / checkpoint, 130 / 143 stopped by SIGINT / SIGTERM: during training
+after saving a checkpoint, elsewhere (setting up, evaluating) at once, with what was saved kept
+(run the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
@@ -19,6 +23,44 @@ from maml_jax.data.cache import DatasetError
 from maml_jax.host import limit_cpus, request_cpu_devices
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
+
+
+class Stopped(Exception):
+    """SIGINT/SIGTERM arrived outside a training chunk (setting up, compiling, evaluating).
+    Training chunks catch the signals themselves and end in ``TrainingInterrupted``."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """Within the block SIGINT/SIGTERM raise ``Stopped``: the CLI then exits with a message
+    and ``128 + signum`` instead of a traceback (SIGINT) or a silent death (SIGTERM). Configs,
+    parameters, checkpoints and results JSON are written atomically, so none is left half
+    written; a figure or ``.md`` table may be, and the rerun rewrites it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+STOPPED_HINT = {
+    "train": "stopped outside a training chunk (setting up, or evaluating after training); checkpoints and "
+    "trained parameters saved so far are kept: run the same command to resume (a model whose training "
+    "finished is not trained again)",
+    "eval": "evaluation stopped before it finished; run the same command again",
+}
 
 
 def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -132,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from maml_jax.experiment import evaluate_run
 
-            out = evaluate_run(
-                args.run_dir,
-                label=args.model,
-                num_tasks=args.num_tasks,
-                inner_grad_clip=args.inner_grad_clip,
-                data_dir=args.data_dir,
-            )
+            with _signals_stop():
+                out = evaluate_run(
+                    args.run_dir,
+                    label=args.model,
+                    num_tasks=args.num_tasks,
+                    inner_grad_clip=args.inner_grad_clip,
+                    data_dir=args.data_dir,
+                )
             print(f"model at step {out['step']}\n{out['table']}")
             return 0
         if args.command == "plot":
@@ -164,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cpu_devices < 1:
                 parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
             request_cpu_devices(args.cpu_devices)
-        return _train(args, overrides)
+        with _signals_stop():
+            return _train(args, overrides)
     except ConfigError as err:
         print(f"maml-jax: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -179,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DATA
     except TrainingInterrupted as err:
         print(f"maml-jax: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except Stopped as err:
+        print(f"maml-jax: {err}: {STOPPED_HINT[args.command]}", file=sys.stderr)
         return 128 + err.signum
 
 

@@ -246,6 +246,26 @@ def test_every_subcommand_has_help(command, capsys):
     assert out.startswith("usage:") and "--help" in out
 
 
+def main_with_fallback_handlers(argv):
+    """``main(argv)`` with recording SIGINT/SIGTERM handlers installed around it: a signal the
+    command does not catch lands there (not in pytest's default handlers, which would end the
+    test run), and the command goes on. Returns the exit code, the signals that landed there,
+    and ``"fallback"`` if those handlers were back in place when ``main`` returned."""
+    missed = []
+
+    def fallback(s, frame):
+        missed.append(s)
+
+    previous = {s: signal.signal(s, fallback) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(argv)
+        after = [signal.getsignal(s) for s in previous]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code, missed, "fallback" if after == [fallback, fallback] else after
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exactly(
     signum, trained, tmp_path, monkeypatch, capsys
@@ -264,24 +284,11 @@ def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exac
         return concat(pending, metrics)
 
     monkeypatch.setattr(experiment, "_concat", concat_then_signal)
-    # should the loop not catch the signal, it lands here (not in pytest's default handlers,
-    # which would end the test run) and the run goes on to finish: exit 0, failing the test
-    missed = []
-
-    def fallback(s, frame):
-        missed.append(s)
-
-    previous = {s: signal.signal(s, fallback) for s in (signal.SIGINT, signal.SIGTERM)}
     part = tmp_path / "part"
-    try:
-        code = main(["train", "sinusoid", "--workdir", str(part), *TINY])
-        handlers_after = [signal.getsignal(s) for s in previous]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    code, missed, handlers_after = main_with_fallback_handlers(["train", "sinusoid", "--workdir", str(part), *TINY])
     err = capsys.readouterr().err
     assert sent == [signum] and missed == []
-    assert handlers_after == [fallback, fallback]  # the handlers from before training are back
+    assert handlers_after == "fallback"  # the handlers from before training are back
     assert code == 128 + signum, err
     saved = part / "maml" / "checkpoints" / "50"
     assert f"{signal.Signals(signum).name} at step 50: checkpoint saved to {saved}" in err
@@ -295,6 +302,55 @@ def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exac
     assert_trees_equal(final_params(full), final_params(part))
     for name in ("metrics.jsonl", "metrics.csv"):
         assert (full / name).read_bytes() == (part / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("command", "signum", "hint"),
+    [
+        ("train", signal.SIGTERM, "stopped outside a training chunk (setting up, or evaluating after training)"),
+        ("eval", signal.SIGINT, "evaluation stopped before it finished; run the same command again"),
+    ],
+    ids=["train-SIGTERM", "eval-SIGINT"],
+)
+def test_signal_during_evaluation_exits_128_plus_signum_with_a_message(
+    command, signum, hint, trained, tmp_path, monkeypatch, capsys
+):
+    """Outside the training chunks (here: evaluating a finished run) a signal stops the command
+    at once with a message and ``128 + signum``, not a traceback (SIGINT) or a silent death
+    (SIGTERM); no results file is written, and the same command then finishes the job without
+    training again."""
+    from maml_jax import experiment, plotting
+
+    run = copy_run(trained / "full", tmp_path / "run")
+    for name in ("eval.json", "eval.md"):
+        (run / name).unlink()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(plotting, "sinusoid_figure", lambda *args, **kwargs: None)  # not under test here
+    format_table, sent = experiment.format_table, []
+
+    def signal_then_format(*args, **kwargs):  # once the results are computed, before they are written
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return format_table(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "format_table", signal_then_format)
+    argv = (
+        ["train", "sinusoid", "--workdir", str(run), *TINY] if command == "train" else ["eval", "--run-dir", str(run)]
+    )
+    code, missed, handlers_after = main_with_fallback_handlers(argv)
+    err = capsys.readouterr().err
+    assert sent == [signum] and missed == [] and handlers_after == "fallback"
+    assert code == 128 + signum, err
+    assert f"maml-jax: {signal.Signals(signum).name}: {hint}" in err and "Traceback" not in err
+    written = {"train": "eval.json", "eval": "eval-step400.json"}[command]
+    assert not (run / written).exists()
+
+    assert main(argv) == 0  # format_table signals only once
+    assert (run / written).is_file()
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # nothing trained again
+    if command == "train":
+        assert (run / "eval.json").read_bytes() == (trained / "full" / "eval.json").read_bytes()
 
 
 @pytest.mark.slow
