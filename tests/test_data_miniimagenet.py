@@ -91,6 +91,17 @@ def test_csv_cache_can_live_elsewhere(csv_dir, tmp_path_factory, monkeypatch):
         _load(csv_dir, "test")
 
 
+def test_unreadable_csv_cache_is_rebuilt_with_a_warning_at_the_callers_line(csv_dir):
+    decoded = _load(csv_dir, "val")
+    miniimagenet.cache_path(csv_dir, "val").write_bytes(b"not an npz")
+    with pytest.warns(UserWarning, match="ignoring unreadable cache") as caught:
+        again = _load(csv_dir, "val")
+    # two loader frames deep (load_miniimagenet, _load_csv), yet reported where the test called it
+    assert [w.filename for w in caught] == [__file__]
+    np.testing.assert_array_equal(again.images, decoded.images)
+    assert np.load(miniimagenet.cache_path(csv_dir, "val"))["images"].shape == decoded.images.shape  # rewritten
+
+
 def test_pickle_layout(tmp_path):
     rng = np.random.default_rng(1)
     data = _random_image(rng, (3 * PER_CLASS, 84, 84))

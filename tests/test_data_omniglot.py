@@ -238,8 +238,9 @@ def test_zip_and_folder_sources_decode_identically_and_cache_is_reused(fake_zips
 def test_unreadable_cache_is_rebuilt(fake_zips, tmp_path):
     path = omniglot.cache_path(tmp_path)
     path.write_bytes(b"not an npz")
-    with pytest.warns(UserWarning, match="unreadable cache"):
+    with pytest.warns(UserWarning, match="unreadable cache") as caught:
         data = omniglot.load_omniglot(fake_zips, cache_dir=tmp_path)
+    assert [w.filename for w in caught] == [__file__]  # reported at the caller's line, not inside the loader
     assert data.background.images.shape == (4, 20, 28, 28)
     assert omniglot.load_omniglot(fake_zips, cache_dir=tmp_path).background.names == data.background.names
 
@@ -312,8 +313,9 @@ def test_unwritable_data_dir_caches_in_the_default_data_dir(fake_zips, tmp_path,
     blocker.write_text("")
     monkeypatch.setenv(omniglot.ENV_DATA, str(blocker))
     target = omniglot.cache_path(blocker / "omniglot")
-    with pytest.warns(UserWarning, match=f"could not write the cache {target} .*pass a writable cache_dir"):
+    with pytest.warns(UserWarning, match=f"could not write the cache {target} .*pass a writable cache_dir") as caught:
         unsaved = omniglot.load_omniglot(fake_zips)
+    assert [w.filename for w in caught] == [__file__]
     np.testing.assert_array_equal(unsaved.evaluation.images, data.evaluation.images)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "data", "server"]  # nothing written elsewhere
     assert sorted(p.name for p in fake_zips.iterdir()) == sorted(omniglot.ZIP_NAMES.values())

@@ -7,6 +7,7 @@ Data dir resolution: an explicit argument, else ``$MAML_JAX_DATA/<name>``, else
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -46,12 +47,23 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None, data_dir: Path, name:
     return default_data_dir(name)
 
 
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn(message)`` reported at the first frame outside the ``maml_jax`` package,
+    the user's line that called a loader, however deep inside the loaders the warning arose
+    (a fixed ``stacklevel`` is right for one call path and off by a frame for the others)."""
+    package = Path(__file__).resolve().parents[1]
+    frame, level = sys._getframe(1), 2  # level 2: the function that called this one
+    while frame.f_back is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez`` via ``atomic_write``; a cache that cannot be written only warns."""
     try:
         atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
-        warnings.warn(f"could not write the cache {path} ({err}); pass a writable cache_dir", stacklevel=3)
+        warn_at_caller(f"could not write the cache {path} ({err}); pass a writable cache_dir")
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray] | None:
@@ -60,5 +72,5 @@ def load_npz(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        warnings.warn(f"ignoring unreadable cache {path} ({err}); rebuilding it", stacklevel=3)
+        warn_at_caller(f"ignoring unreadable cache {path} ({err}); rebuilding it")
         return None

@@ -34,7 +34,6 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +49,7 @@ from maml_jax.data.cache import (
     load_npz,
     resolve_cache_dir,
     resolve_data_dir,
+    warn_at_caller,
 )
 from maml_jax.files import atomic_write
 
@@ -213,7 +213,7 @@ def load_omniglot(
                 *(OmniglotHalf(arrays[f"{h}_images"], tuple(arrays[f"{h}_names"].tolist())) for h in HALVES)
             )
         except KeyError as err:
-            warnings.warn(f"cache {path} lacks {err}; rebuilding it", stacklevel=2)
+            warn_at_caller(f"cache {path} lacks {err}; rebuilding it")
     halves = [_decode_half(_find_source(data_path, h), image_size, resample) for h in HALVES]
     arrays = {}
     for h, half in zip(HALVES, halves, strict=True):
@@ -291,7 +291,7 @@ def download_omniglot(
                 verify_zip(target, half, **expect)
                 continue
             except DatasetError as err:
-                warnings.warn(f"re-downloading {target}: {err}", stacklevel=2)
+                warn_at_caller(f"re-downloading {target}: {err}")
         url = base + name
         fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=name + ".", suffix=".part")
         tmp = Path(tmp_name)
