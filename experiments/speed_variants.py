@@ -29,6 +29,9 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
 * ``onedraw``: the sinusoid sampler draws its points and targets from one ``[tasks, 2(shots +
   query)]`` uniform block (targets through ``erfinv``) instead of four ``jax.random`` calls, each
   a rolled threefry loop on CPU. Same distributions, other numbers.
+* ``chunkdraw``: a chunk's tasks for all its steps drawn before its ``lax.scan``, in one batched
+  call of the sampler over the steps' keys ``fold_in(rng, step + i)``, instead of one call per
+  step inside the scan body. The same keys, so the same tasks and the same trajectory.
 * ``flatadam``: the benchmark's Adam wrapped in ``optax.flatten`` (one moment vector instead of
   one per parameter leaf: fewer, larger update kernels).
 """
@@ -124,6 +127,17 @@ def _one_draw_mlp_tasks(key, w):
     return bench.Task(bench.Batch(x[:, :ns], y[:, :ns]), bench.Batch(x[:, ns:], y[:, ns:]))
 
 
+def chunk_drawn_train_chunk(train_step: Callable, sample_fn: Callable, length: int) -> Callable:
+    """``train.make_sampling_train_chunk`` with the ``length`` steps' tasks drawn up front."""
+
+    def chunk(state, data):
+        keys = jax.vmap(lambda i: jax.random.fold_in(state.rng, state.step + i))(jnp.arange(length))
+        tasks = jax.vmap(lambda key: sample_fn(key, data))(keys)
+        return jax.lax.scan(train_step, state, tasks)
+
+    return chunk
+
+
 def _with_map(plain: Callable, mapped: Callable) -> Callable:
     """``map_tasks`` that runs ``task_map="map"`` as ``mapped(fn, tasks)``, other maps as ``plain``."""
 
@@ -172,6 +186,8 @@ def patch(variant: str) -> None:
         pass  # no patch: main measures with bench's own fixed_tasks=True (``--fixed-tasks``)
     elif variant == "onedraw":
         bench._mlp_tasks = _one_draw_mlp_tasks
+    elif variant == "chunkdraw":
+        bench.make_sampling_train_chunk = chunk_drawn_train_chunk
     elif variant == "flatadam":
         bench.optax = types.SimpleNamespace(adam=lambda lr: optax.flatten(optax.adam(lr)))
     else:

@@ -47,6 +47,25 @@ def test_one_draw_sampler_has_the_benchmark_shapes_and_distributions():
     assert abs(jnp.corrcoef(x, jnp.abs(y))[0, 1]) < 0.02
 
 
+def test_chunk_drawn_tasks_are_the_tasks_each_step_samples():
+    """``chunkdraw`` draws a chunk's tasks before its scan: step ``i`` must get bit for bit the
+    tasks the library's chunk samples inside its scan at that step."""
+    from maml_jax.train import TrainState, make_sampling_train_chunk
+
+    def record_step(state, tasks):  # trains nothing; returns the tasks it was given
+        return state._replace(step=state.step + 1), tasks
+
+    state = TrainState(step=jnp.int32(7), meta_params=None, opt_state=None, rng=jax.random.PRNGKey(3))
+    sample = bench.sample_fn("sinusoid")
+    library = jax.jit(make_sampling_train_chunk(record_step, sample, 5))(state, None)
+    drawn = jax.jit(speed_variants.chunk_drawn_train_chunk(record_step, sample, 5))(state, None)
+    assert int(library[0].step) == int(drawn[0].step) == 12
+    assert jax.tree.structure(library[1]) == jax.tree.structure(drawn[1])
+    for a, b in zip(jax.tree.leaves(library[1]), jax.tree.leaves(drawn[1]), strict=True):
+        assert a.shape[0] == 5
+        np.testing.assert_array_equal(a, b)
+
+
 def test_unrolled_task_map_matches_the_library_map():
     from maml_jax.core import map_tasks
 
