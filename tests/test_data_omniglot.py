@@ -241,6 +241,11 @@ def test_unreadable_cache_is_rebuilt(fake_zips, tmp_path):
     with pytest.warns(UserWarning, match="unreadable cache") as caught:
         data = omniglot.load_omniglot(fake_zips, cache_dir=tmp_path)
     assert [w.filename for w in caught] == [__file__]  # reported at the caller's line, not inside the loader
+    path.write_bytes(b"not an npz")  # again, through a loader that calls load_omniglot
+    with pytest.warns(UserWarning, match="unreadable cache") as caught:
+        images, _ = omniglot.load_split_arrays("train", "lake", fake_zips, cache_dir=tmp_path)
+    assert [w.filename for w in caught] == [__file__]
+    np.testing.assert_array_equal(images, data.background.images)
     assert data.background.images.shape == (4, 20, 28, 28)
     assert omniglot.load_omniglot(fake_zips, cache_dir=tmp_path).background.names == data.background.names
 
