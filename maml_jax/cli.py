@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training, 4 missing or
 broken data / run directory / checkpoint, 130 / 143 stopped by SIGINT / SIGTERM: during training
-after saving a checkpoint, elsewhere (setting up, evaluating) at once, with what was saved kept
-(run the same command to resume).
+after saving a checkpoint; elsewhere in ``train`` (setting up, evaluating) and in ``eval`` as soon
+as the running computation returns, with what was saved kept (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from maml_jax.host import limit_cpus, request_cpu_devices
 EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """SIGINT/SIGTERM arrived outside a training chunk (setting up, compiling, evaluating).
-    Training chunks catch the signals themselves and end in ``TrainingInterrupted``."""
+    Training chunks catch the signals themselves and end in ``TrainingInterrupted``. A
+    ``BaseException``, as ``KeyboardInterrupt`` is, so that the library's and its dependencies'
+    ``except Exception`` (e.g. around a checkpoint restore) cannot mistake it for a failure."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -47,12 +49,22 @@ def _signals_stop():
     def handler(signum, frame):
         raise Stopped(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        # blocked while the handlers are put back (POSIX): a signal between the two calls
+        # would otherwise raise out of this loop and leave one handler raising for good
+        posix = hasattr(signal, "pthread_sigmask")
+        if posix:
+            signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            for s, h in old.items():
+                signal.signal(s, h)
+        finally:
+            if posix:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 STOPPED_HINT = {
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maml-jax: {err}", file=sys.stderr)
         return 128 + err.signum
     except Stopped as err:
-        print(f"maml-jax: {err}: {STOPPED_HINT[args.command]}", file=sys.stderr)
+        print(f"maml-jax: {err}: {STOPPED_HINT.get(args.command, 'stopped')}", file=sys.stderr)
         return 128 + err.signum
 
 

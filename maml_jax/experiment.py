@@ -204,6 +204,9 @@ def train_model(
     if dropped:
         print(f"{label}: dropped {dropped} metric row(s) logged after step {start}, the checkpoint resumed from")
     if start >= total:
+        params_path = label_dir / "params.msgpack"
+        if not params_path.is_file():  # stopped after its last checkpoint, before these were written
+            rundir.save_pytree(params_path, state.meta_params)
         return state.meta_params
 
     # MAML/FOMAML as an Algorithm too, so that every run goes through batched_meta_grad: with

@@ -304,37 +304,51 @@ def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exac
         assert (full / name).read_bytes() == (part / name).read_bytes(), name
 
 
+STOPPED_HINTS = {
+    "train": "stopped outside a training chunk (setting up, or evaluating after training)",
+    "eval": "evaluation stopped before it finished; run the same command again",
+}
+
+
 @pytest.mark.parametrize(
-    ("command", "signum", "hint"),
+    ("command", "signum", "during"),
     [
-        ("train", signal.SIGTERM, "stopped outside a training chunk (setting up, or evaluating after training)"),
-        ("eval", signal.SIGINT, "evaluation stopped before it finished; run the same command again"),
+        ("train", signal.SIGTERM, "evaluation"),
+        ("train", signal.SIGINT, "restore"),
+        ("eval", signal.SIGINT, "evaluation"),
     ],
-    ids=["train-SIGTERM", "eval-SIGINT"],
+    ids=["train-evaluating-SIGTERM", "train-restoring-SIGINT", "eval-SIGINT"],
 )
-def test_signal_during_evaluation_exits_128_plus_signum_with_a_message(
-    command, signum, hint, trained, tmp_path, monkeypatch, capsys
+def test_signal_outside_training_chunks_exits_128_plus_signum_with_a_message(
+    command, signum, during, trained, tmp_path, monkeypatch, capsys
 ):
-    """Outside the training chunks (here: evaluating a finished run) a signal stops the command
-    at once with a message and ``128 + signum``, not a traceback (SIGINT) or a silent death
-    (SIGTERM); no results file is written, and the same command then finishes the job without
-    training again."""
+    """Outside the training chunks (evaluating a finished run, or restoring its checkpoint) a
+    signal stops the command with a message and ``128 + signum``: not a traceback (SIGINT), a
+    silent death (SIGTERM), or a restore error that calls a good checkpoint corrupt. No results
+    file is written, and the same command then finishes the job without training again,
+    writing the final parameters if the run had stopped before they were written."""
+    import orbax.checkpoint as ocp
+
     from maml_jax import experiment, plotting
 
     run = copy_run(trained / "full", tmp_path / "run")
     for name in ("eval.json", "eval.md"):
         (run / name).unlink()
+    if command == "train":  # as if stopped after the last checkpoint, before params.msgpack
+        (run / "maml" / "params.msgpack").unlink()
     metrics = (run / "metrics.jsonl").read_bytes()
     monkeypatch.setattr(plotting, "sinusoid_figure", lambda *args, **kwargs: None)  # not under test here
-    format_table, sent = experiment.format_table, []
+    # restore: inside Checkpointer.restore's ``except Exception``, which turns errors into CheckpointError
+    owner, name = (experiment, "format_table") if during == "evaluation" else (ocp.CheckpointManager, "restore")
+    original, sent = getattr(owner, name), []
 
-    def signal_then_format(*args, **kwargs):  # once the results are computed, before they are written
+    def signal_then_call(*args, **kwargs):  # format_table: the results are computed, not yet written
         if not sent:
             sent.append(signum)
             os.kill(os.getpid(), signum)
-        return format_table(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "format_table", signal_then_format)
+    monkeypatch.setattr(owner, name, signal_then_call)
     argv = (
         ["train", "sinusoid", "--workdir", str(run), *TINY] if command == "train" else ["eval", "--run-dir", str(run)]
     )
@@ -342,15 +356,17 @@ def test_signal_during_evaluation_exits_128_plus_signum_with_a_message(
     err = capsys.readouterr().err
     assert sent == [signum] and missed == [] and handlers_after == "fallback"
     assert code == 128 + signum, err
-    assert f"maml-jax: {signal.Signals(signum).name}: {hint}" in err and "Traceback" not in err
+    assert f"maml-jax: {signal.Signals(signum).name}: {STOPPED_HINTS[command]}" in err
+    assert "Traceback" not in err and "corrupt" not in err
     written = {"train": "eval.json", "eval": "eval-step400.json"}[command]
     assert not (run / written).exists()
 
-    assert main(argv) == 0  # format_table signals only once
+    assert main(argv) == 0  # the hook signals only once
     assert (run / written).is_file()
     assert (run / "metrics.jsonl").read_bytes() == metrics  # nothing trained again
     if command == "train":
         assert (run / "eval.json").read_bytes() == (trained / "full" / "eval.json").read_bytes()
+        assert_trees_equal(final_params(run), final_params(trained / "full"))
 
 
 @pytest.mark.slow
