@@ -9,18 +9,17 @@ as the running computation returns, with what was saved kept (run the same comma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
 from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
 from maml_jax.data.cache import DatasetError
 from maml_jax.host import limit_cpus, request_cpu_devices
+from maml_jax.signals import stop_signal_handler
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
 
@@ -36,35 +35,12 @@ class Stopped(BaseException):
         super().__init__(signal.Signals(signum).name)
 
 
-@contextlib.contextmanager
-def _signals_stop():
-    """Within the block SIGINT/SIGTERM raise ``Stopped``: the CLI then exits with a message
-    and ``128 + signum`` instead of a traceback (SIGINT) or a silent death (SIGTERM). Configs,
-    parameters, checkpoints and results JSON are written atomically, so none is left half
-    written; a figure or ``.md`` table may be, and the rerun rewrites it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Stopped(signum)
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        # blocked while the handlers are put back (POSIX): a signal between the two calls
-        # would otherwise raise out of this loop and leave one handler raising for good
-        posix = hasattr(signal, "pthread_sigmask")
-        if posix:
-            signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        try:
-            for s, h in old.items():
-                signal.signal(s, h)
-        finally:
-            if posix:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+def _raise_stopped(signum: int, frame) -> None:
+    """The CLI's SIGINT/SIGTERM handler outside the training chunks: it then exits with a
+    message and ``128 + signum`` instead of a traceback (SIGINT) or a silent death (SIGTERM).
+    Configs, parameters, checkpoints and results JSON are written atomically, so none is left
+    half written; a figure or ``.md`` table may be, and the rerun rewrites it."""
+    raise Stopped(signum)
 
 
 STOPPED_HINT = {
@@ -186,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from maml_jax.experiment import evaluate_run
 
-            with _signals_stop():
+            with stop_signal_handler(_raise_stopped):
                 out = evaluate_run(
                     args.run_dir,
                     label=args.model,
@@ -219,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.cpu_devices < 1:
                 parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
             request_cpu_devices(args.cpu_devices)
-        with _signals_stop():
+        with stop_signal_handler(_raise_stopped):
             return _train(args, overrides)
     except ConfigError as err:
         print(f"maml-jax: config error: {err}", file=sys.stderr)

@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from maml_jax.config import Config, ConfigError, check_resume_compatible, config
 from maml_jax.evaluate import adaptation_curve, algorithm_curve
 from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import Model
+from maml_jax.signals import stop_signal_handler
 from maml_jax.task_families import TaskFamily, build_model, build_task_family
 from maml_jax.train import (
     NonFiniteLossError,
@@ -104,19 +103,12 @@ def _stop_on_signals():
     """Within the block SIGINT/SIGTERM only set ``flag["signum"]`` (checked between chunks);
     the previous handlers come back afterwards. Off the main thread, signals are left alone."""
     flag: dict[str, int | None] = {"signum": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
 
     def handler(signum, frame):
         flag["signum"] = signum
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signal_handler(handler):
         yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _log_row(label: str, step: int, pending: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -33,9 +34,7 @@ def assert_same_final_params(run_a, run_b, label):
     """The final parameters of model ``label`` are bitwise equal in two run directories (read
     without a template, so that any algorithm's parameter tree fits)."""
     a, b = (serialization.msgpack_restore((d / label / "params.msgpack").read_bytes()) for d in (run_a, run_b))
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(a, b)  # the same tree structure, every leaf bitwise equal
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, capsys):
