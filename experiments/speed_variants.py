@@ -34,11 +34,18 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   step inside the scan body. The same keys, so the same tasks and the same trajectory.
 * ``flatadam``: the benchmark's Adam wrapped in ``optax.flatten`` (one moment vector instead of
   one per parameter leaf: fewer, larger update kernels).
+* ``bf16model``: the whole conv4 in bfloat16 through the library's own
+  ``precision.mixed_precision`` (``--config.compute_dtype=bfloat16``).
+* ``bf16dot``: only the convolutions' patch matmuls in bfloat16 (inputs and output; BatchNorm,
+  ReLU, pooling and the loss stay float32). The output is bf16 so that the cotangents of the
+  backward matmuls are bf16 too; with ``preferred_element_type=float32`` JAX's transpose rules
+  give mixed float32 x bfloat16 matmuls, which XLA:CPU runs in float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import types
 from collections.abc import Callable
@@ -50,6 +57,7 @@ import optax
 
 from maml_jax import bench
 from maml_jax.host import request_cpu_devices
+from maml_jax.precision import mixed_precision
 
 conv4 = importlib.import_module("maml_jax.models.conv4")  # the module (maml_jax.models.conv4 is also a function)
 
@@ -87,6 +95,49 @@ conv_weight_grad.defvjp(
     lambda x, g: (conv_weight_grad(x, g), (x, g)),
     lambda res, kbar: (vjp_conv(res[1], _flip_t(kbar)), vjp_conv(res[0], kbar)),
 )
+
+
+def bf16_conv(plain_conv: Callable, x, k, stride, impl):
+    """``plain_conv`` (``conv4.conv3x3``) run in bfloat16: ``x [n, H, W, C]`` float32 →
+    ``[n, H', W', F]`` float32, rounded through bf16."""
+    y = plain_conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), stride, impl)
+    return y.astype(jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_matmul(a, b):
+    """``a [m, k] @ b [k, n]`` float32 → float32 with bf16 inputs and float32 accumulation (the
+    fast path of AVX512_BF16 CPUs). Its VJP is two more of these (the cotangent rounded to bf16
+    too), and the ``fwd`` rule calls this function, so every derivative order stays bf16 x bf16
+    → float32. A ``custom_vjp``: no forward mode (iMAML)."""
+    return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(a, b):
+    return bf16_matmul(a, b), (a, b)
+
+
+def _bf16_matmul_bwd(res, g):
+    a, b = res
+    return bf16_matmul(g, b.T), bf16_matmul(a.T, g)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def bf16_matmul_conv(x, k, stride, impl):
+    """``conv4.conv3x3`` (patches) with its matmul as ``bf16_matmul``."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    lim = (n, stride * (ho - 1) + 1, stride * (wo - 1) + 1, c)
+    views = [
+        jax.lax.slice(xp, (0, i, j, 0), (lim[0], i + lim[1], j + lim[2], c), (1, stride, stride, 1))
+        for i in range(3)
+        for j in range(3)
+    ]
+    patches = jnp.stack(views, axis=3).reshape(n * ho * wo, 9 * c)
+    return bf16_matmul(patches, k.reshape(9 * c, -1)).reshape(n, ho, wo, -1)
 
 
 def _pairwise_max_pool(x):
@@ -188,6 +239,13 @@ def patch(variant: str) -> None:
         bench._mlp_tasks = _one_draw_mlp_tasks
     elif variant == "chunkdraw":
         bench.make_sampling_train_chunk = chunk_drawn_train_chunk
+    elif variant == "bf16model":
+        plain_conv4 = bench.conv4
+        bench.conv4 = lambda *args, **kwargs: mixed_precision(plain_conv4(*args, **kwargs))
+    elif variant == "bf16dot":
+        conv4.conv3x3 = functools.partial(bf16_conv, conv4.conv3x3)
+    elif variant == "bf16vjp":
+        conv4.conv3x3 = bf16_matmul_conv
     elif variant == "flatadam":
         bench.optax = types.SimpleNamespace(adam=lambda lr: optax.flatten(optax.adam(lr)))
     else:

@@ -10,8 +10,9 @@ convolutions in bf16 on TPU / recent GPUs) and casts the outputs back to float32
   meta-parameters and optax state stay float32 (the "master weights" recipe of Micikevicius
   et al. 2018, "Mixed Precision Training", §3.1; bf16 needs no loss scaling, §3.2 is for fp16).
 
-Off by default: nothing in the library casts unless a model is wrapped. On XLA:CPU bf16 is
-emulated and slower; use it on GPU/TPU.
+Off by default: nothing in the library casts unless a model is wrapped. On XLA:CPU it is
+slower, even with AVX512_BF16 (bf16 elementwise work and bf16-result matmuls are slow there);
+use it on GPU/TPU.
 """
 
 from __future__ import annotations

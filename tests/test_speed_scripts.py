@@ -2,6 +2,7 @@
 compute what the library computes (so a timing compares like with like)."""
 
 import json
+import re
 
 import chex
 import jax
@@ -30,6 +31,39 @@ def test_vjp_conv_matches_the_patch_convolution_to_second_order(x64):
     np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(patches)(k), rtol=1e-10, atol=1e-12)
     hvp = lambda f: jax.grad(lambda k_: jnp.vdot(jax.grad(f)(k_), v))(k)  # noqa: E731
     np.testing.assert_allclose(hvp(custom), hvp(patches), rtol=1e-9, atol=1e-10)
+
+
+def test_bf16_variants_match_the_float32_convolution_to_bf16_precision_on_the_bf16_path():
+    kx, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (2, 6, 6, 3))
+    k = jax.random.normal(kk, (3, 3, 3, 4)) / 3
+    v = jax.random.normal(kv, k.shape)
+
+    def loss(conv):
+        return lambda k_: jnp.mean(jnp.tanh(conv(x, k_, 1, "patches")) ** 2)
+
+    def hvp(f):
+        return lambda k_: jax.grad(lambda k2: jnp.sum(jax.grad(f)(k2) * v))(k_)
+
+    ref = loss(conv3x3)
+    bf16dot = loss(lambda *a: speed_variants.bf16_conv(conv3x3, *a))
+    bf16vjp = loss(speed_variants.bf16_matmul_conv)
+    for f in (bf16dot, bf16vjp):
+        np.testing.assert_allclose(f(k), ref(k), rtol=2e-2)
+        for order in (jax.grad, lambda f_: hvp(f_)):
+            want, got = order(ref)(k), order(f)(k)
+            assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 5e-2
+
+    # bf16vjp's point: every matmul of the second-order computation is bf16 x bf16 -> float32
+    # (custom_vjp rules are opaque in a jaxpr, so read the lowered program)
+    def dot_types(f):
+        text = jax.jit(hvp(f)).lower(k).as_text()
+        return [line.rsplit(" : ", 1)[1] for line in text.splitlines() if "dot_general" in line]
+
+    bf16_dots, f32_dots = dot_types(bf16vjp), dot_types(ref)
+    assert len(bf16_dots) == len(f32_dots) >= 3
+    for sig in bf16_dots:
+        assert re.fullmatch(r"\(tensor<\w+xbf16>, tensor<\w+xbf16>\) -> tensor<\w+xf32>", sig), sig
 
 
 def test_one_draw_sampler_has_the_benchmark_shapes_and_distributions():
