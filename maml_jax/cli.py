@@ -2,8 +2,10 @@
 
 Exit codes: 0 success, 2 bad usage or config, 3 non-finite loss during training, 4 missing or
 broken data / run directory / checkpoint, 130 / 143 stopped by SIGINT / SIGTERM: during training
-after saving a checkpoint; elsewhere in ``train`` (setting up, evaluating) and in ``eval`` as soon
-as the running computation returns, with what was saved kept (run the same command to resume).
+after saving a checkpoint; elsewhere in ``train`` (setting up, evaluating) and in ``eval``,
+``eval-lake-runs`` and ``plot`` as soon as the running computation returns, with what was saved
+kept (run the same command to resume). ``bench`` keeps Python's default handling (its PyTorch
+peers run in child processes).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ STOPPED_HINT = {
     "trained parameters saved so far are kept: run the same command to resume (a model whose training "
     "finished is not trained again)",
     "eval": "evaluation stopped before it finished; run the same command again",
+    "eval-lake-runs": "evaluation stopped before it finished; run the same command again",
+    "plot": "plotting stopped; a figure may be half written: run the same command again",
 }
 
 
@@ -80,6 +84,49 @@ def _train(args, overrides) -> int:
     print(out["table"])
     print(f"\nresults, metrics and figures in {workdir}")
     return 0
+
+
+def _run_command(args: argparse.Namespace, overrides: dict[str, str], parser: argparse.ArgumentParser) -> int:
+    """Run the parsed command (``main`` maps its errors, and ``Stopped``, to exit codes)."""
+    if args.command == "list-configs":
+        print("\n".join(list_configs()))
+        return 0
+    if args.command == "eval":
+        from maml_jax.experiment import evaluate_run
+
+        out = evaluate_run(
+            args.run_dir,
+            label=args.model,
+            num_tasks=args.num_tasks,
+            inner_grad_clip=args.inner_grad_clip,
+            data_dir=args.data_dir,
+        )
+        print(f"model at step {out['step']}\n{out['table']}")
+        return 0
+    if args.command == "plot":
+        from maml_jax.plotting import plot_runs
+
+        out = args.out or str(Path(args.runs[0]) / "plots" / "compare")
+        print("\n".join(str(p) for p in plot_runs(args.runs, out)))
+        return 0
+    if args.command == "eval-lake-runs":
+        from maml_jax.experiment import evaluate_lake_runs
+
+        print(json.dumps(evaluate_lake_runs(args.run_dir, args.runs, label=args.model)))
+        return 0
+    args.config = args.config_opt or args.config
+    if args.config is None:
+        parser.error("train needs a config: maml-jax train sinusoid (see maml-jax list-configs)")
+    if args.cpus is not None:
+        try:
+            limit_cpus(args.cpus)
+        except (ValueError, RuntimeError) as err:
+            parser.error(f"--cpus: {err}")
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+        request_cpu_devices(args.cpu_devices)
+    return _train(args, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,47 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "eval":
                 hint = "; eval uses the run's own config.json (--data-dir points it at data that moved)"
             raise ConfigError(f"{keys}: --config overrides apply to train only, not to {args.command}{hint}")
-        if args.command == "list-configs":
-            print("\n".join(list_configs()))
-            return 0
-        if args.command == "eval":
-            from maml_jax.experiment import evaluate_run
-
-            with stop_signal_handler(_raise_stopped):
-                out = evaluate_run(
-                    args.run_dir,
-                    label=args.model,
-                    num_tasks=args.num_tasks,
-                    inner_grad_clip=args.inner_grad_clip,
-                    data_dir=args.data_dir,
-                )
-            print(f"model at step {out['step']}\n{out['table']}")
-            return 0
-        if args.command == "plot":
-            from maml_jax.plotting import plot_runs
-
-            out = args.out or str(Path(args.runs[0]) / "plots" / "compare")
-            print("\n".join(str(p) for p in plot_runs(args.runs, out)))
-            return 0
-        if args.command == "eval-lake-runs":
-            from maml_jax.experiment import evaluate_lake_runs
-
-            print(json.dumps(evaluate_lake_runs(args.run_dir, args.runs, label=args.model)))
-            return 0
-        args.config = args.config_opt or args.config
-        if args.config is None:
-            parser.error("train needs a config: maml-jax train sinusoid (see maml-jax list-configs)")
-        if args.cpus is not None:
-            try:
-                limit_cpus(args.cpus)
-            except (ValueError, RuntimeError) as err:
-                parser.error(f"--cpus: {err}")
-        if args.cpu_devices is not None:
-            if args.cpu_devices < 1:
-                parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
-            request_cpu_devices(args.cpu_devices)
         with stop_signal_handler(_raise_stopped):
-            return _train(args, overrides)
+            return _run_command(args, overrides, parser)
     except ConfigError as err:
         print(f"maml-jax: config error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -307,6 +307,7 @@ def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exac
 STOPPED_HINTS = {
     "train": "stopped outside a training chunk (setting up, or evaluating after training)",
     "eval": "evaluation stopped before it finished; run the same command again",
+    "plot": "plotting stopped; a figure may be half written: run the same command again",
 }
 
 
@@ -316,17 +317,19 @@ STOPPED_HINTS = {
         ("train", signal.SIGTERM, "evaluation"),
         ("train", signal.SIGINT, "restore"),
         ("eval", signal.SIGINT, "evaluation"),
+        ("plot", signal.SIGTERM, "savefig"),
     ],
-    ids=["train-evaluating-SIGTERM", "train-restoring-SIGINT", "eval-SIGINT"],
+    ids=["train-evaluating-SIGTERM", "train-restoring-SIGINT", "eval-SIGINT", "plot-SIGTERM"],
 )
 def test_signal_outside_training_chunks_exits_128_plus_signum_with_a_message(
     command, signum, during, trained, tmp_path, monkeypatch, capsys
 ):
-    """Outside the training chunks (evaluating a finished run, or restoring its checkpoint) a
-    signal stops the command with a message and ``128 + signum``: not a traceback (SIGINT), a
+    """Outside the training chunks (evaluating a finished run, restoring its checkpoint, or
+    plotting) a signal stops the command with a message and ``128 + signum``: not a traceback (SIGINT), a
     silent death (SIGTERM), or a restore error that calls a good checkpoint corrupt. No results
     file is written, and the same command then finishes the job without training again,
     writing the final parameters if the run had stopped before they were written."""
+    import matplotlib.figure
     import orbax.checkpoint as ocp
 
     from maml_jax import experiment, plotting
@@ -339,7 +342,11 @@ def test_signal_outside_training_chunks_exits_128_plus_signum_with_a_message(
     metrics = (run / "metrics.jsonl").read_bytes()
     monkeypatch.setattr(plotting, "sinusoid_figure", lambda *args, **kwargs: None)  # not under test here
     # restore: inside Checkpointer.restore's ``except Exception``, which turns errors into CheckpointError
-    owner, name = (experiment, "format_table") if during == "evaluation" else (ocp.CheckpointManager, "restore")
+    owner, name = {
+        "evaluation": (experiment, "format_table"),
+        "restore": (ocp.CheckpointManager, "restore"),
+        "savefig": (matplotlib.figure.Figure, "savefig"),
+    }[during]
     original, sent = getattr(owner, name), []
 
     def signal_then_call(*args, **kwargs):  # format_table: the results are computed, not yet written
@@ -349,16 +356,18 @@ def test_signal_outside_training_chunks_exits_128_plus_signum_with_a_message(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, signal_then_call)
-    argv = (
-        ["train", "sinusoid", "--workdir", str(run), *TINY] if command == "train" else ["eval", "--run-dir", str(run)]
-    )
+    argv = {
+        "train": ["train", "sinusoid", "--workdir", str(run), *TINY],
+        "eval": ["eval", "--run-dir", str(run)],
+        "plot": ["plot", str(run)],
+    }[command]
     code, missed, handlers_after = main_with_fallback_handlers(argv)
     err = capsys.readouterr().err
     assert sent == [signum] and missed == [] and handlers_after == "fallback"
     assert code == 128 + signum, err
     assert f"maml-jax: {signal.Signals(signum).name}: {STOPPED_HINTS[command]}" in err
     assert "Traceback" not in err and "corrupt" not in err
-    written = {"train": "eval.json", "eval": "eval-step400.json"}[command]
+    written = {"train": "eval.json", "eval": "eval-step400.json", "plot": "plots/compare_curves.png"}[command]
     assert not (run / written).exists()
 
     assert main(argv) == 0  # the hook signals only once
