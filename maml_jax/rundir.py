@@ -109,7 +109,11 @@ class MetricsWriter:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         new = not self.csv.exists()
-        fields = sorted(row) if new else next(csv.reader(open(self.csv)))
+        if new:
+            fields = sorted(row)
+        else:
+            with open(self.csv, newline="") as f:
+                fields = next(csv.reader(f))
         with open(self.csv, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:

@@ -1,6 +1,7 @@
 """Reptile (Nichol et al. 2018): closed forms of its outer "gradient" θ − φ, the Adam inner
 loop against optax, minibatching, the outer update θ + ε(φ − θ), and training."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +22,6 @@ def setup():
     return mse_loss(model.apply), params, regression_task(jax.random.PRNGKey(0))
 
 
-def assert_trees_close(a, b, **kw):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
-
-
 def meta_grad(alg, params, task, step=0):
     return jax.jit(alg.meta_grad)(params, task, jnp.int32(step))
 
@@ -36,7 +33,7 @@ def test_one_step_on_the_query_set_is_the_scaled_query_gradient():
     on_query = Task(task.query, task.query)
     (_, metrics), grads = meta_grad(reptile(loss, num_inner_steps=1, inner_lr=0.1), params, on_query)
     (q_loss, _), q_grad = jax.value_and_grad(loss, has_aux=True)(params, task.query)
-    assert_trees_close(grads, jax.tree.map(lambda g: 0.1 * g, q_grad), rtol=1e-10, atol=1e-14)
+    chex.assert_trees_all_close(grads, jax.tree.map(lambda g: 0.1 * g, q_grad), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(metrics["support_loss"], q_loss, rtol=1e-12)
 
 
@@ -45,13 +42,13 @@ def test_k_full_batch_sgd_steps_give_theta_minus_the_adapted_params():
     loss, params, task = setup()
     (value, metrics), grads = meta_grad(reptile(loss, num_inner_steps=4, inner_lr=0.2), params, task)
     adapted, _ = inner_adapt(params, task.support, loss, num_inner_steps=4, inner_lr=0.2)
-    assert_trees_close(grads, jax.tree.map(lambda t, a: t - a, params, adapted), rtol=1e-10, atol=1e-14)
+    chex.assert_trees_all_close(grads, jax.tree.map(lambda t, a: t - a, params, adapted), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(value, loss(adapted, task.query)[0], rtol=1e-12)
     # "support+query" trains on all of the task's examples
     all_data = jax.tree.map(lambda s, q: jnp.concatenate([s, q]), task.support, task.query)
     alg = reptile(loss, num_inner_steps=4, inner_lr=0.2, inner_data="support+query")
     adapted_all, _ = inner_adapt(params, all_data, loss, num_inner_steps=4, inner_lr=0.2)
-    assert_trees_close(
+    chex.assert_trees_all_close(
         meta_grad(alg, params, task)[1], jax.tree.map(lambda t, a: t - a, params, adapted_all), rtol=1e-10, atol=1e-14
     )
 
@@ -76,7 +73,7 @@ def test_adam_inner_loop_matches_optax_adam(b1):
         g = jax.grad(lambda q: loss(q, task.support)[0])(p)
         updates, state = opt.update(g, state, p)
         p = optax.apply_updates(p, updates)
-    assert_trees_close(grads, jax.tree.map(lambda t, a: t - a, params, p), rtol=1e-9, atol=1e-14)
+    chex.assert_trees_all_close(grads, jax.tree.map(lambda t, a: t - a, params, p), rtol=1e-9, atol=1e-14)
 
 
 def test_minibatch_indices_cover_every_example_once_per_epoch():
@@ -101,7 +98,7 @@ def test_minibatches_of_one_example_take_one_per_example_gradient_and_full_size_
     assert min(errors) < 1e-12 and sorted(errors)[1] > 1e-6  # exactly one example's gradient
     full = meta_grad(reptile(loss, num_inner_steps=3, inner_lr=0.1), params, task)[1]
     shuffled = meta_grad(reptile(loss, num_inner_steps=3, inner_lr=0.1, inner_batch_size=n), params, task, step=3)[1]
-    assert_trees_close(shuffled, full, rtol=1e-9, atol=1e-13)
+    chex.assert_trees_all_close(shuffled, full, rtol=1e-9, atol=1e-13)
 
 
 @x64
@@ -118,7 +115,7 @@ def test_outer_sgd_moves_theta_toward_the_mean_adapted_params():
         for t in (task, regression_task(jax.random.PRNGKey(1)))
     ]
     expected = jax.tree.map(lambda t, a, b: t + 0.5 * ((a - t) + (b - t)) / 2, params, *adapted)
-    assert_trees_close(new.meta_params, expected, rtol=1e-10, atol=1e-14)
+    chex.assert_trees_all_close(new.meta_params, expected, rtol=1e-10, atol=1e-14)
 
 
 def test_bad_hyperparameters_raise():

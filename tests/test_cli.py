@@ -48,7 +48,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     assert meta["seed"] == 0 and "jax" in meta["versions"] and meta["devices"]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["run"] == "maml"] == [100, 200, 300, 400]
-    assert len(list(csv.DictReader(open(workdir / "metrics.csv")))) == len(rows)
+    assert len(list(csv.DictReader((workdir / "metrics.csv").read_text().splitlines()))) == len(rows)
     results = json.loads((workdir / "eval.json").read_text())["results"]
     assert set(results) == {"maml", "pretrained"}
     mse = results["maml"]["by_shots"]["10"]["mse"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -76,8 +77,7 @@ def test_sharded_step_on_the_local_devices_equals_the_plain_step():
     mesh = default_mesh()
     sharded, _ = make_sharded_train_step(loss_to_meta_grad(objective), optimizer, mesh)(replicate(state, mesh), tasks)
     plain, _ = jax.jit(make_train_step(objective, optimizer))(state, tasks)
-    for a, b in zip(jax.tree.leaves(sharded.meta_params), jax.tree.leaves(plain.meta_params), strict=True):
-        assert abs(a - b).max() < 1e-6
+    chex.assert_trees_all_close(sharded.meta_params, plain.meta_params, rtol=0, atol=1e-6)
 
 
 def test_bad_device_count_raises():

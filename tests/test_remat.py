@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -36,8 +37,7 @@ def test_meta_gradient_equal_with_and_without_remat(x64, first_order, policy):
         params
     )
     assert jnp.allclose(l0, l1, rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-        assert jnp.allclose(a, b, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-10, atol=1e-12)
     assert max(float(abs(a).max()) for a in jax.tree.leaves(g0)) > 1e-3
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,11 +60,6 @@ def final_params(workdir):
     return rundir.load_pytree(Path(workdir) / "maml" / "params.msgpack", template)
 
 
-def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def with_step(state, step):
     return state._replace(
         step=jnp.asarray(step, jnp.int32), meta_params=jax.tree.map(lambda a: a + step, state.meta_params)
@@ -79,9 +75,29 @@ def test_checkpointer_keeps_last_k_and_the_best(tmp_path):
     assert ckpt.best_step() == 2
     restored, extra = ckpt.restore(state, step=2)
     assert extra["note"] == 2
-    assert_trees_equal(restored, with_step(state, 2))
+    chex.assert_trees_all_equal(restored, with_step(state, 2))
     assert int(restored.step) == 2 and isinstance(restored, type(state))
     ckpt.close()
+
+
+def test_metrics_writer_appends_under_the_first_rows_columns_and_closes_its_files(tmp_path):
+    """A resumed run appends to ``metrics.csv`` under the header it already has (a new key is
+    dropped there, kept in the JSONL), and reading that header leaves no file open."""
+    import csv
+    import gc
+    import warnings
+
+    writer = rundir.MetricsWriter(tmp_path, tensorboard=False)
+    writer.write({"step": 1, "loss": 0.5})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rundir.MetricsWriter(tmp_path, tensorboard=False).write({"step": 2, "loss": 0.25, "extra": 1})
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["loss", "step"], ["0.5", "1"], ["0.25", "2"]]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1] == {"step": 2, "loss": 0.25, "extra": 1}
 
 
 def test_oserror_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -91,7 +107,7 @@ def test_oserror_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     state = template_state()
     ckpt.save(10, with_step(state, 10))
 
-    def disk_full(*args, **kwargs):
+    async def disk_full(*args, **kwargs):  # fails when awaited, as a write would
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", disk_full)
@@ -102,7 +118,7 @@ def test_oserror_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     fresh = checkpoint.Checkpointer(tmp_path / "ck", keep=3)
     assert fresh.steps() == [10]
     restored, _ = fresh.restore(state)
-    assert_trees_equal(restored, with_step(state, 10))
+    chex.assert_trees_all_equal(restored, with_step(state, 10))
     fresh.close()
 
 
@@ -164,7 +180,7 @@ def test_resume_from_orbax_and_from_a_legacy_msgpack_checkpoint_is_bitwise_exact
     assert "400/400" in err and "meta_loss=" in err and "val_mse=" in err and "<00:" in err
     assert main(["train", "sinusoid", "--workdir", str(legacy), *TINY]) == 0
     for workdir in (part, legacy):
-        assert_trees_equal(final_params(full), final_params(workdir))
+        chex.assert_trees_all_equal(final_params(full), final_params(workdir))
     assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
     assert sorted(int(p.name) for p in (part / "maml" / "checkpoints").iterdir()) == [200, 400]
 
@@ -222,7 +238,7 @@ def test_nonfinite_stops_naming_step_quantity_and_checkpoint_or_skips(trained, t
     assert [(r["step"], r["skipped_steps"]) for r in rows] == [(100, 0), (200, 0), (300, 100), (400, 100)]
     # every step was skipped, so the parameters are those of the checkpoint at step 200
     at_200 = checkpoint.Checkpointer(tmp_path / "maml" / "checkpoints").restore(template_state(), step=200)[0]
-    assert_trees_equal(final_params(tmp_path), at_200.meta_params)
+    chex.assert_trees_all_equal(final_params(tmp_path), at_200.meta_params)
 
 
 def test_plot_writes_curves_inner_steps_and_sinusoid_figures(trained, tmp_path, capsys):
@@ -299,7 +315,7 @@ def test_signal_after_a_chunk_checkpoints_exits_128_plus_signum_and_resumes_exac
     monkeypatch.setattr(plotting, "sinusoid_figure", lambda *args, **kwargs: None)  # 3 s, not under test here
     assert main(["train", "sinusoid", "--workdir", str(part), *TINY]) == 0  # resumes at step 50
     full = trained / "full"
-    assert_trees_equal(final_params(full), final_params(part))
+    chex.assert_trees_all_equal(final_params(full), final_params(part))
     for name in ("metrics.jsonl", "metrics.csv"):
         assert (full / name).read_bytes() == (part / name).read_bytes(), name
 
@@ -375,7 +391,7 @@ def test_signal_outside_training_chunks_exits_128_plus_signum_with_a_message(
     assert (run / "metrics.jsonl").read_bytes() == metrics  # nothing trained again
     if command == "train":
         assert (run / "eval.json").read_bytes() == (trained / "full" / "eval.json").read_bytes()
-        assert_trees_equal(final_params(run), final_params(trained / "full"))
+        chex.assert_trees_all_equal(final_params(run), final_params(trained / "full"))
 
 
 @pytest.mark.slow
@@ -405,7 +421,7 @@ def test_real_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert 500 <= stopped_at < 3000 and not (part / "maml" / "params.msgpack").exists()
     resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
-    assert_trees_equal(final_params(full), final_params(part))
+    chex.assert_trees_all_equal(final_params(full), final_params(part))
     assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
 
 
