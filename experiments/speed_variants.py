@@ -34,12 +34,18 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   step inside the scan body. The same keys, so the same tasks and the same trajectory.
 * ``flatadam``: the benchmark's Adam wrapped in ``optax.flatten`` (one moment vector instead of
   one per parameter leaf: fewer, larger update kernels).
+* ``cfconv``: each convolution's patch matrix built transposed (from the input in
+  ``[C, n, H, W]``), so that the kernel gradient is a matmul form XLA:CPU gives to YNNPACK.
 * ``bf16model``: the whole conv4 in bfloat16 through the library's own
   ``precision.mixed_precision`` (``--config.compute_dtype=bfloat16``).
 * ``bf16dot``: only the convolutions' patch matmuls in bfloat16 (inputs and output; BatchNorm,
   ReLU, pooling and the loss stay float32). The output is bf16 so that the cotangents of the
   backward matmuls are bf16 too; with ``preferred_element_type=float32`` JAX's transpose rules
   give mixed float32 x bfloat16 matmuls, which XLA:CPU runs in float32.
+* ``bf16vjp``: the patch matmul as ``bf16_matmul``, a custom VJP with bf16 inputs and a float32
+  result whose VJP is two more of itself, so that JAX emits only bf16 x bf16 → float32 matmuls
+  at every derivative order (XLA:CPU still runs the kernel gradient, which contracts the patch
+  rows, in float32). No forward mode (iMAML).
 """
 
 from __future__ import annotations
@@ -138,6 +144,25 @@ def bf16_matmul_conv(x, k, stride, impl):
     ]
     patches = jnp.stack(views, axis=3).reshape(n * ho * wo, 9 * c)
     return bf16_matmul(patches, k.reshape(9 * c, -1)).reshape(n, ho, wo, -1)
+
+
+def channels_first_conv(x, k, stride, impl):
+    """``conv4.conv3x3`` with the patch matrix built transposed, ``[9·C, n·H'·W']`` from the
+    input in ``[C, n, H, W]``, and the output as ``k^T [F, 9·C] @ patches^T``: the kernel
+    gradient then contracts the patch matrix's last axis (XLA's ``nt`` form) instead of its
+    first (``tn``, which XLA:CPU does not give to YNNPACK). NHWC in and out."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    views = [
+        jax.lax.slice(
+            xp, (0, 0, i, j), (c, n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1), (1, 1, stride, stride)
+        )
+        for i in range(3)
+        for j in range(3)
+    ]
+    patches_t = jnp.stack(views, 0).reshape(9 * c, n * ho * wo)  # row (3i + j)·C + c
+    return (k.reshape(9 * c, -1).T @ patches_t).reshape(-1, n, ho, wo).transpose(1, 2, 3, 0)
 
 
 def _pairwise_max_pool(x):
@@ -244,6 +269,8 @@ def patch(variant: str) -> None:
         bench.conv4 = lambda *args, **kwargs: mixed_precision(plain_conv4(*args, **kwargs))
     elif variant == "bf16dot":
         conv4.conv3x3 = functools.partial(bf16_conv, conv4.conv3x3)
+    elif variant == "cfconv":
+        conv4.conv3x3 = channels_first_conv
     elif variant == "bf16vjp":
         conv4.conv3x3 = bf16_matmul_conv
     elif variant == "flatadam":

@@ -77,6 +77,7 @@ def test_sharded_step_on_the_local_devices_equals_the_plain_step():
     mesh = default_mesh()
     sharded, _ = make_sharded_train_step(loss_to_meta_grad(objective), optimizer, mesh)(replicate(state, mesh), tasks)
     plain, _ = jax.jit(make_train_step(objective, optimizer))(state, tasks)
+    chex.assert_tree_all_finite(plain.meta_params)  # assert_trees_all_close takes NaN == NaN
     chex.assert_trees_all_close(sharded.meta_params, plain.meta_params, rtol=0, atol=1e-6)
 
 

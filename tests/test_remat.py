@@ -37,6 +37,7 @@ def test_meta_gradient_equal_with_and_without_remat(x64, first_order, policy):
         params
     )
     assert jnp.allclose(l0, l1, rtol=1e-12)
+    chex.assert_tree_all_finite(g0)  # assert_trees_all_close takes NaN == NaN
     chex.assert_trees_all_close(g1, g0, rtol=1e-10, atol=1e-12)
     assert max(float(abs(a).max()) for a in jax.tree.leaves(g0)) > 1e-3
 
