@@ -17,6 +17,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 
 from maml_jax.config import Config  # noqa: E402
 from maml_jax.core import inner_adapt  # noqa: E402
@@ -126,6 +127,8 @@ def learning_curves_figure(runs: Sequence[Path], path_stem: Path) -> list[Path]:
         for name, steps, values in lines:
             ax.plot(steps, values, label=name, lw=1.5)
         ax.set_xlabel("meta-iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # 5-digit steps: few, legible ticks
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         ax.set_ylabel(key.replace("_", " "))
         if key in ("meta_loss", "val_mse"):
             ax.set_yscale("log")
