@@ -35,27 +35,34 @@ SHAPES = {
     "omniglot layer 2, kernel gradient": (75 * 7 * 7, 9 * 64, 64, "kernel gradient"),
 }
 
+ROWS_CONTRACTED = (((0,), (0,)), ((), ()))  # dot_general dimension numbers of the kernel gradient
 
-def time_matmul(rows: int, k: int, n: int, form: str, dtype, out_dtype=None) -> float:
-    """Median ms of one matmul of ``form`` with inputs in ``dtype`` and the result in
-    ``out_dtype`` (default: ``dtype``)."""
-    a = jnp.ones((rows, k), dtype)
-    if form == "forward":
-        b, dims = jnp.ones((k, n), dtype), (((1,), (0,)), ((), ()))
-    else:
-        b, dims = jnp.ones((rows, n), dtype), (((0,), (0,)), ((), ()))
-    matmul = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype))
-    matmul(a, b).block_until_ready()
+
+def time_call(fn, *args, calls: int = 7) -> float:
+    """Median ms of ``calls`` calls of jitted ``fn(*args)`` after one warm-up."""
+    fn = jax.jit(fn)
+    fn(*args).block_until_ready()
     times = []
-    for _ in range(5):
+    for _ in range(calls):
         start = time.perf_counter()
-        matmul(a, b).block_until_ready()
+        fn(*args).block_until_ready()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
+def time_matmul(rows: int, k: int, n: int, form: str, dtype, out_dtype=None) -> float:
+    """Median ms of one matmul of ``form`` with inputs in ``dtype`` and the result in
+    ``out_dtype`` (default: ``dtype``), over 5 calls."""
+    a = jnp.ones((rows, k), dtype)
+    if form == "forward":
+        b, dims = jnp.ones((k, n), dtype), (((1,), (0,)), ((), ()))
+    else:
+        b, dims = jnp.ones((rows, n), dtype), ROWS_CONTRACTED
+    return time_call(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype), a, b, calls=5)
+
+
 KERNEL_GRAD_FORMS = {
-    "library (rows contracted)": lambda a, g: jax.lax.dot_general(a, g, (((0,), (0,)), ((), ()))),
+    "library (rows contracted)": lambda a, g: jax.lax.dot_general(a, g, ROWS_CONTRACTED),
     "(g.T @ a).T": lambda a, g: (jax.lax.optimization_barrier(g.T) @ a).T,
     **{
         f"{b} chunks": (
@@ -66,18 +73,6 @@ KERNEL_GRAD_FORMS = {
         for b in (15, 75)
     },
 }
-
-
-def time_call(fn, *args) -> float:
-    """Median ms of 7 calls of jitted ``fn(*args)`` after one warm-up."""
-    fn = jax.jit(fn)
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

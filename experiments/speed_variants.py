@@ -86,10 +86,9 @@ def vjp_conv(x, k):
 @jax.custom_vjp
 def conv_weight_grad(x, g):
     """``[3, 3, C, F]``: the kernel gradient of ``vjp_conv`` for output gradient ``g``."""
-    n, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    c = x.shape[-1]
     g2 = g.reshape(-1, g.shape[-1])
-    views = [xp[:, i : i + h, j : j + w].reshape(-1, c).T @ g2 for i in range(3) for j in range(3)]
+    views = [v.reshape(-1, c).T @ g2 for v in conv4.shifted_views(x, 1)]
     return jnp.stack(views).reshape(3, 3, c, -1)
 
 
@@ -133,17 +132,9 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 def bf16_matmul_conv(x, k, stride, impl):
     """``conv4.conv3x3`` (patches) with its matmul as ``bf16_matmul``."""
-    n, h, w, c = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    lim = (n, stride * (ho - 1) + 1, stride * (wo - 1) + 1, c)
-    views = [
-        jax.lax.slice(xp, (0, i, j, 0), (lim[0], i + lim[1], j + lim[2], c), (1, stride, stride, 1))
-        for i in range(3)
-        for j in range(3)
-    ]
-    patches = jnp.stack(views, axis=3).reshape(n * ho * wo, 9 * c)
-    return bf16_matmul(patches, k.reshape(9 * c, -1)).reshape(n, ho, wo, -1)
+    patches = conv4.patches3x3(x, stride)
+    rows, cols = patches.reshape(-1, patches.shape[-1]), k.reshape(patches.shape[-1], -1)
+    return bf16_matmul(rows, cols).reshape(*patches.shape[:3], -1)
 
 
 def channels_first_conv(x, k, stride, impl):
@@ -175,16 +166,11 @@ def shift_conv(x, k, stride):
     """``conv4.conv3x3`` as 9 accumulated matmuls ``Σ_ij view_ij [n·H'·W', C] @ k[i, j] [C, F]``
     over the shifted (strided) views of the padded input, instead of one matmul with the views
     stacked into a ``[n·H'·W', 9·C]`` patch tensor."""
-    n, h, w, c = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    views = conv4.shifted_views(x, stride)
+    n, ho, wo, c = views[0].shape
     out = 0.0
-    for i in range(3):
-        for j in range(3):
-            v = jax.lax.slice(
-                xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1)
-            )
-            out = out + v.reshape(n * ho * wo, c) @ k[i, j]
+    for v, tap in zip(views, k.reshape(9, c, -1), strict=True):  # tap 3i + j is k[i, j]
+        out = out + v.reshape(n * ho * wo, c) @ tap
     return out.reshape(n, ho, wo, -1)
 
 

@@ -19,6 +19,12 @@ conv_grad_under_map = load("conv_grad_under_map")
 matmul_forms = load("matmul_forms")
 
 
+def hvp(f, v):
+    """``k -> ∇(∇f(k) · v)``: the Hessian-vector product of scalar ``f`` with ``v`` (second
+    order through each rule of a convolution variant)."""
+    return jax.grad(lambda k: jnp.sum(jax.grad(f)(k) * v))
+
+
 def test_vjp_conv_matches_the_patch_convolution_to_second_order(x64):
     kx, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (2, 6, 6, 3))
@@ -31,8 +37,7 @@ def test_vjp_conv_matches_the_patch_convolution_to_second_order(x64):
     custom, patches = loss(speed_variants.vjp_conv), loss(lambda x_, k_: conv3x3(x_, k_, 1, "patches"))
     np.testing.assert_allclose(custom(k), patches(k), rtol=1e-12)
     np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(patches)(k), rtol=1e-10, atol=1e-12)
-    hvp = lambda f: jax.grad(lambda k_: jnp.vdot(jax.grad(f)(k_), v))(k)  # noqa: E731
-    np.testing.assert_allclose(hvp(custom), hvp(patches), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(hvp(custom, v)(k), hvp(patches, v)(k), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -47,8 +52,7 @@ def test_channels_first_conv_matches_the_patch_convolution_to_second_order(x64, 
 
     custom, patches = loss(speed_variants.channels_first_conv), loss(conv3x3)
     np.testing.assert_allclose(custom(k), patches(k), rtol=1e-12)
-    hvp = lambda f: jax.grad(lambda k_: jnp.sum(jax.grad(f)(k_) * v))(k)  # noqa: E731
-    np.testing.assert_allclose(hvp(custom), hvp(patches), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(hvp(custom, v)(k), hvp(patches, v)(k), rtol=1e-9, atol=1e-10)
 
 
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):
@@ -67,15 +71,12 @@ def test_bf16_variants_match_float32_to_bf16_precision_and_bf16vjp_emits_only_bf
     def loss(conv):
         return lambda k_: jnp.mean(jnp.tanh(conv(x, k_, 1, "patches")) ** 2)
 
-    def hvp(f):
-        return lambda k_: jax.grad(lambda k2: jnp.sum(jax.grad(f)(k2) * v))(k_)
-
     ref = loss(conv3x3)
     bf16dot = loss(lambda *a: speed_variants.bf16_conv(conv3x3, *a))
     bf16vjp = loss(speed_variants.bf16_matmul_conv)
     for f in (bf16dot, bf16vjp):
         np.testing.assert_allclose(f(k), ref(k), rtol=2e-2)
-        for order in (jax.grad, lambda f_: hvp(f_)):
+        for order in (jax.grad, lambda f_: hvp(f_, v)):
             want, got = order(ref)(k), order(f)(k)
             assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 5e-2
 
@@ -84,7 +85,7 @@ def test_bf16_variants_match_float32_to_bf16_precision_and_bf16vjp_emits_only_bf
     # then runs the kernel-gradient one, which contracts the patch rows, in float32 (see
     # experiments/results/bench/tried_2026-11-24.md); that is the compiler's choice, not tested.
     def dot_types(f):
-        text = jax.jit(hvp(f)).lower(k).as_text()
+        text = jax.jit(hvp(f, v)).lower(k).as_text()
         return [line.rsplit(" : ", 1)[1] for line in text.splitlines() if "dot_general" in line]
 
     bf16_dots, f32_dots = dot_types(bf16vjp), dot_types(ref)

@@ -62,18 +62,32 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int, impl: ConvImpl) -> jax
         return jax.lax.conv_general_dilated(
             x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
+    patches = patches3x3(x, stride)
+    n, ho, wo, k = patches.shape
+    return (patches.reshape(n * ho * wo, k) @ kernel.reshape(k, -1)).reshape(n, ho, wo, -1)
+
+
+def shifted_views(x: jax.Array, stride: int) -> list[jax.Array]:
+    """The 9 views ``[n, H', W', C]`` of ``x [n, H, W, C]`` padded by 1 that the taps ``(i, j)``
+    of a 3x3 kernel with ``stride`` see, in the order ``3i + j``."""
     n, h, w, c = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    views = [
+    return [
         jax.lax.slice(
             xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c), (1, stride, stride, 1)
         )
         for i in range(3)
         for j in range(3)
     ]
-    patches = jnp.stack(views, axis=3).reshape(n * ho * wo, 9 * c)  # column (3i + j)·C + c
-    return (patches @ kernel.reshape(9 * c, -1)).reshape(n, ho, wo, -1)
+
+
+def patches3x3(x: jax.Array, stride: int) -> jax.Array:
+    """``[n, H', W', 9·C]``: the ``shifted_views`` side by side, channel ``(3i + j)·C + c``, so
+    that a 3x3 convolution is one matmul with the kernel reshaped to ``[9·C, F]``."""
+    views = shifted_views(x, stride)
+    n, ho, wo, c = views[0].shape
+    return jnp.stack(views, axis=3).reshape(n, ho, wo, 9 * c)
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = BN_EPS) -> jax.Array:
