@@ -354,7 +354,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     workdir = Path(workdir)
     if (workdir / "config.json").is_file():
         check_resume_compatible(json.loads((workdir / "config.json").read_text()), config, str(workdir))
-    rundir.write_run_metadata(workdir, config.to_dict(), config.seed)
+    mesh = device_mesh(config)  # fails here, before anything is written, on a bad device count
+    task_devices = [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])]
+    rundir.write_run_metadata(workdir, config.to_dict(), config.seed, task_devices)
     writer = rundir.MetricsWriter(workdir)
     family = build_task_family(config)
     algorithms = {main_label(config): config_algorithm(config, family.model, family.task_loss_fn)}

@@ -3,7 +3,8 @@
 Layout of ``workdir``::
 
     config.json       the resolved config
-    run.json          seed, command, git commit, package versions, devices, start time
+    run.json          seed, command, git commit, package versions, devices (and the ones the
+                      task batch is split over), start time
     sessions.jsonl    the same, one line per start or resume (a run resumed on another
                       machine, e.g. a GPU, keeps where each part of it ran)
     metrics.jsonl     one JSON object per log row (``metrics.csv``: the same rows); only
@@ -68,7 +69,10 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def write_run_metadata(workdir: Path, config_dict: dict, seed: int) -> None:
+def write_run_metadata(workdir: Path, config_dict: dict, seed: int, task_devices: list[str] | None = None) -> None:
+    """``config.json``, and ``run.json`` plus one line of ``sessions.jsonl`` for this start:
+    seed, command, commit, versions, the visible devices and CPUs, and ``task_devices``, the
+    devices the task batch is split over (default the first device)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", config_dict)
@@ -79,6 +83,7 @@ def write_run_metadata(workdir: Path, config_dict: dict, seed: int) -> None:
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "versions": package_versions(),
         "devices": [str(d) for d in jax.devices()],
+        "task_devices": task_devices if task_devices is not None else [str(jax.devices()[0])],
         "cpus": available_cpus(),  # the affinity mask (maml-jax train --cpus)
         "platform": platform.platform(),
     }

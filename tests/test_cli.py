@@ -46,6 +46,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     assert config["num_iterations"] == 400 and config["inner_lr"] == 0.01
     meta = json.loads((workdir / "run.json").read_text())
     assert meta["seed"] == 0 and "jax" in meta["versions"] and meta["devices"]
+    assert meta["task_devices"] == [meta["devices"][0]]  # num_devices=1: no split
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["run"] == "maml"] == [100, 200, 300, 400]
     assert len(list(csv.DictReader((workdir / "metrics.csv").read_text().splitlines()))) == len(rows)

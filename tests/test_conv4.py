@@ -104,15 +104,15 @@ def test_batch_norm_uses_the_batch_statistics_and_max_pool_floors():
     np.testing.assert_array_equal(pooled, ref)
 
 
-def test_apply_is_transductive_and_pure():
-    """An example's output depends on the rest of its batch (batch statistics), and calling
-    apply twice gives the same result (no state is updated)."""
+def test_apply_is_transductive():
+    """An example's output depends on the rest of its batch: batch norm uses the statistics of
+    the batch it normalises. (There is no state to update: ``Model.apply`` passes only
+    ``{"params": params}``, and flax raises if a module writes any other collection.)"""
     model = conv4(3)
     x = normal(0, (4, 28, 28, 1))
     params = init64(model, 1, x)
     apply = compile_fast(model.apply, params, x)
     full = apply(params, x)
-    np.testing.assert_array_equal(full, apply(params, x))
     other = apply(params, x.at[2:].multiply(3.0))  # same first two images, different batch
     assert not np.allclose(full[:2], other[:2])
     no_bn = conv4(3, bn="none")

@@ -149,7 +149,7 @@ def _lake_run_accuracies(workdir, runs_path):
     }
 
 
-def test_eval_lake_runs_refuses_a_5_way_model_and_missing_runs(data_root, tmp_path, monkeypatch, capsys):
+def test_lake_runs_refuse_a_5_way_model_and_eval_a_non_run_directory(data_root, tmp_path, monkeypatch, capsys):
     if not OMNIGLOT.is_dir():
         pytest.skip(f"Omniglot not found at {OMNIGLOT}")
     monkeypatch.setenv("MAML_JAX_DATA", str(data_root))

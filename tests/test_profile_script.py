@@ -25,7 +25,7 @@ def test_op_kinds_fall_into_the_documented_groups():
     assert {kind: profile_step.op_group(kind) for kind in cases} == cases
 
 
-def test_traced_sinusoid_step_is_mostly_named_ops_with_matmuls_among_them(capsys):
+def test_traced_sinusoid_step_times_ops_by_kind_without_runtime_events_and_finds_matmuls(capsys):
     assert profile_step.main(["--workload", "sinusoid", "--steps", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     times = out["s_per_step"]
