@@ -76,7 +76,7 @@ def test_request_cpu_devices_before_jax_starts_then_train_splits_tasks_over_them
     cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(tmp_path / "r"), *TINY_SINUSOID]
     subprocess.run([*cmd, "--cpu-devices", "2", "--config.num_devices=0"], capture_output=True, check=True)
     run = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert run["devices"] == ["cpu:0", "cpu:1"] and run["task_devices"] == ["cpu:0", "cpu:1"]
+    assert len(run["devices"]) == 2 and run["task_devices"] == run["devices"]  # names vary by jax version
 
 
 def test_request_cpu_devices_after_jax_started_keeps_the_count():

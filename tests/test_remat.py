@@ -46,9 +46,21 @@ def _primitive_names(jaxpr) -> set[str]:
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for sub in _sub_jaxprs(eqn.params.values()):
             names |= _primitive_names(sub)
     return names
+
+
+def _sub_jaxprs(values):
+    """The jaxprs held in an equation's params (scan's ``jaxpr``, cond's ``branches``, ...);
+    written out because ``jax.extend.core.jaxprs_in_params`` is newer than our jax floor."""
+    for v in values:
+        if isinstance(v, jax.extend.core.ClosedJaxpr):
+            yield v.jaxpr
+        elif isinstance(v, jax.extend.core.Jaxpr):
+            yield v
+        elif isinstance(v, tuple | list):
+            yield from _sub_jaxprs(v)
 
 
 @pytest.mark.parametrize("remat", [False, True])
