@@ -192,6 +192,8 @@ def train_model(
         state, extra, last_ckpt = found
     start = int(state.step)
     total = config.num_iterations
+    if found is not None:
+        print(f"{label}: resuming from the checkpoint at step {start} of {total} ({label_dir / 'checkpoints'})")
     dropped = writer.drop_rows_after(label, start)
     if dropped:
         print(f"{label}: dropped {dropped} metric row(s) logged after step {start}, the checkpoint resumed from")

@@ -4,6 +4,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from maml_jax.algorithms.registry import ALGORITHMS
@@ -38,7 +39,10 @@ def test_each_algorithm_trains_and_evaluates_the_sinusoid(algorithm, tmp_path, c
     results = json.loads((workdir / "eval.json").read_text())["results"]
     assert list(results) == [algorithm]
     mse = results[algorithm]["by_shots"]["5"]["mse"]
-    assert set(mse) == {"0", "2"} and all(0 <= v[0] < 100 for v in mse.values())
+    assert set(mse) == {"0", "2"} and all(np.isfinite(v[0]) for v in mse.values())
+    # the evaluation adapts, and two inner steps on K=5 points lower the mean MSE of the 4 tasks
+    # (measured 2.5 -> 2.0-2.3 for every algorithm after 3 meta-iterations)
+    assert mse["2"][0] < mse["0"][0]
     capsys.readouterr()
     assert main(["eval", "--run-dir", str(workdir)]) == 0
     again = json.loads((workdir / "eval-step3.json").read_text())["results"][algorithm]["by_shots"]["5"]["mse"]

@@ -190,20 +190,37 @@ def test_per_step_bn_with_shared_rows_equals_transductive_bn():
     np.testing.assert_array_equal(per_step.apply(rows, x, step=jnp.int32(9)), per_step.apply(rows, x, step=2))
 
 
-def test_mamlpp_with_per_step_bn_gives_each_step_its_own_bn_gradient():
+def test_mamlpp_with_per_step_bn_gives_each_step_its_own_bn_gradient(x64):
+    """Each BN row's meta-gradient is the derivative of the meta-loss in that row alone (float64
+    finite differences, one row perturbed at a time), and the two rows' gradients differ."""
     model = conv4(3, conv_impl="lax", bn="per_step", bn_steps=2)
-    x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 4, 4, 1))
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 4, 4, 1), jnp.float64)
     y = jnp.tile(jnp.arange(3), (1, 2))
     tasks = Task(Batch(x, y), Batch(x + 0.1, y))
-    params = model.init(jax.random.PRNGKey(1), x[0])
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x[0]))
     loss = step_indexed_loss(cross_entropy_loss, model.apply)
     alg = maml_plus_plus(loss, num_inner_steps=2, inner_lr=0.1, loss_takes_step=True)
-    (v, m), g = jax.jit(lambda p: batched_meta_grad(alg, p, tasks, jnp.int32(0)))(alg.init(params))
-    assert np.isfinite(float(v))
+    meta = alg.init(params)
+
+    @jax.jit
+    def f(m):
+        return batched_meta_grad(alg, m, tasks, jnp.int32(0))[0][0]
+
+    g = jax.grad(f)(meta)
     scale_grad = g["params"]["bn_1"]["scale"]
-    assert scale_grad.shape == (2, 64)
-    assert float(jnp.abs(scale_grad[0]).max()) > 0 and float(jnp.abs(scale_grad[1]).max()) > 0
-    assert g["inner_lrs"]["bn_1"]["scale"].shape == (2,)
+    assert scale_grad.shape == (2, 64) and g["inner_lrs"]["bn_1"]["scale"].shape == (2,)
+    v = jax.random.normal(jax.random.PRNGKey(2), (64,), jnp.float64)
+    for row in (0, 1):
+
+        def along_row(t, row=row):
+            scale = meta["params"]["bn_1"]["scale"].at[row].add(t * v)
+            bn_1 = {**meta["params"]["bn_1"], "scale": scale}
+            return f({**meta, "params": {**meta["params"], "bn_1": bn_1}})
+
+        fd = (along_row(1e-5) - along_row(-1e-5)) / 2e-5
+        assert abs(float(fd)) > 1e-6  # the row matters to the meta-loss
+        np.testing.assert_allclose(jnp.vdot(scale_grad[row], v), fd, rtol=1e-6)
+    assert float(jnp.abs(scale_grad[0] - scale_grad[1]).max()) > 1e-6
 
 
 def test_mamlpp_trains_sinusoid():

@@ -394,33 +394,68 @@ def test_signal_outside_training_chunks_exits_128_plus_signum_with_a_message(
         chex.assert_trees_all_equal(final_params(run), final_params(trained / "full"))
 
 
+# The child: ``maml-jax train`` whose 20th chunk (steps 380-400) waits, once booked, until a real
+# SIGTERM from the parent has reached the training handler, so the stop step does not depend on timing.
+WAIT_FOR_SIGTERM_AT_CHUNK_20 = """
+import signal, sys, threading
+from pathlib import Path
+from maml_jax import experiment
+from maml_jax.cli import main
+
+ready, concat, calls = Path(sys.argv[1]), experiment._concat, []
+
+def concat_then_wait(pending, metrics):
+    calls.append(1)
+    if len(calls) == 20:
+        handler, landed = signal.getsignal(signal.SIGTERM), threading.Event()
+
+        def noting(signum, frame):
+            landed.set()
+            handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, noting)
+        ready.touch()
+        while not landed.wait(0.01):
+            pass
+    return concat(pending, metrics)
+
+experiment._concat = concat_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 def test_real_sigterm_then_resume_matches_uninterrupted(tmp_path):
-    """A ``maml-jax train`` subprocess gets SIGTERM mid-run: it checkpoints, exits 143; the same
-    command resumes, and parameters and metrics equal those of an uninterrupted run."""
+    """A ``maml-jax train`` subprocess gets a real SIGTERM from outside mid-run (step 400 of 1200,
+    mid log window and between checkpoints): it checkpoints and exits 143; the same command
+    resumes, and parameters and metrics equal those of an uninterrupted run."""
     args = [
-        "--config.num_iterations=3000",
+        "--config.num_iterations=1200",
         "--config.steps_per_call=20",
-        "--config.log_every=500",
-        "--config.checkpoint_every=1000",
+        "--config.log_every=300",
+        "--config.checkpoint_every=500",
         *TINY[4:],
     ]
-    full, part = tmp_path / "full", tmp_path / "part"
+    full, part, ready = tmp_path / "full", tmp_path / "part", tmp_path / "ready"
     assert main(["train", "sinusoid", "--workdir", str(full), *args]) == 0
-    cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(part), *args]
+    train = ["train", "sinusoid", "--workdir", str(part), *args]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = [sys.executable, "-c", WAIT_FOR_SIGTERM_AT_CHUNK_20, str(ready), *train]
+    proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
-    while not (part / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)  # the first log row (step 500) means training is under way
+    while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert ready.exists(), proc.communicate(timeout=10)[1] if proc.poll() is not None else "no chunk 20 in 240 s"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "SIGTERM at step" in err and "checkpoint saved to" in err
-    stopped_at = int(err.split("SIGTERM at step ")[1].split(":")[0])
-    assert 500 <= stopped_at < 3000 and not (part / "maml" / "params.msgpack").exists()
+    saved = part / "maml" / "checkpoints" / "400"
+    assert f"SIGTERM at step 400: checkpoint saved to {saved}" in err
+    assert not (part / "maml" / "params.msgpack").exists()
+    cmd = [sys.executable, "-m", "maml_jax", *train]
     resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
+    assert "maml: resuming from the checkpoint at step 400 of 1200" in resumed.stdout
     chex.assert_trees_all_equal(final_params(full), final_params(part))
     assert (full / "metrics.jsonl").read_bytes() == (part / "metrics.jsonl").read_bytes()
 
