@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import serialization
+from run_files import jsonl_rows, metric_rows
 
 from maml_jax import mlp, rundir
 from maml_jax.cli import main
@@ -47,7 +48,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     meta = json.loads((workdir / "run.json").read_text())
     assert meta["seed"] == 0 and "jax" in meta["versions"] and meta["devices"]
     assert meta["task_devices"] == [meta["devices"][0]]  # num_devices=1: no split
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(workdir)
     assert [r["step"] for r in rows if r["run"] == "maml"] == [100, 200, 300, 400]
     assert len(list(csv.DictReader((workdir / "metrics.csv").read_text().splitlines()))) == len(rows)
     results = json.loads((workdir / "eval.json").read_text())["results"]
@@ -81,7 +82,7 @@ def test_resume_matches_uninterrupted_training(case, tmp_path):
     assert main(["train", "sinusoid", "--workdir", str(part), *half, *args]) == 0
     assert main(["train", "sinusoid", "--workdir", str(part), *TINY, *args]) == 0  # resumes at 200
     # run.json describes the latest start; sessions.jsonl keeps every start (where each part ran)
-    sessions = [json.loads(line) for line in (part / "sessions.jsonl").read_text().splitlines()]
+    sessions = jsonl_rows(part / "sessions.jsonl")
     assert len(sessions) == 2 and sessions[-1] == json.loads((part / "run.json").read_text())
     assert len((full / "sessions.jsonl").read_text().splitlines()) == 1
     assert_same_final_params(full, part, label)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from run_files import metric_rows
 from test_core_math import fd_grad, flat_grad, linear_loss, linear_task, regression_task, small_model
 
 from maml_jax import HyperparameterError, adaptation_curve, inner_adapt, meta_loss, mse_loss
@@ -168,7 +169,7 @@ def test_train_with_both_clips_then_eval_and_plot_with_another_inner_clip(tmp_pa
 
     def train(name, *flags):
         assert main(["train", "sinusoid", "--workdir", str(tmp_path / name), *flags, *TINY_SINUSOID]) == 0
-        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return metric_rows(tmp_path / name)
 
     clipped = train("clipped", "--config.inner_grad_clip=0.01", "--config.outer_grad_clip=1")
     plain = train("plain")

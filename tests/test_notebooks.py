@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from algo_harness import SHARED_OMNIGLOT
+from run_files import metric_rows
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -124,7 +125,7 @@ def test_omniglot_notebook_trains_evaluates_and_plots(tmp_path):
     assert "'conv_impl': 'patches', 'task_map': 'map', 'num_devices': 1" in out
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_iterations"] == 10 and config["name"] == "omniglot_5w1s"
-    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in metric_rows(workdir)]
     assert steps and steps[-1] == 10
     evaluation = json.loads((workdir / "eval.json").read_text())
     assert evaluation["num_tasks"] == 10

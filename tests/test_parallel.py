@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from run_files import metric_rows
 
 from maml_jax.core import batched_meta_loss
 from maml_jax.data import sinusoid
@@ -105,7 +106,7 @@ def test_train_command_on_two_devices_follows_the_one_device_trajectory(tmp_path
         cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(workdir), *flags]
         out = subprocess.run([*cmd, f"--config.num_devices={n}"], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
-        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(workdir)
         losses[n] = [r["meta_loss"] for r in rows]
     # float32 summation order differs between one device and two (psum of two half-batch means),
     # and 200 Adam steps amplify it: the mean meta-loss over steps 1-100 agrees to ~2e-6 and over

@@ -1,13 +1,13 @@
 """Mixed precision (maml_jax.precision): bf16 compute, float32 parameters, loss and inner loop."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from run_files import metric_rows
 
 from maml_jax.core import batched_meta_loss
 from maml_jax.data import sinusoid
@@ -87,6 +87,6 @@ def test_config_compute_dtype_runs_the_model_in_bf16_and_trains(tmp_path):
     argv += ["--config.eval_num_tasks=20", "--config.baselines=", "--config.eval_shots=10"]
     assert main(argv) == 0
 
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(workdir)
     losses = [r["meta_loss"] for r in rows if r.get("run") == "maml"]
     assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]

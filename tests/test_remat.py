@@ -7,6 +7,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import pytest
+from run_files import metric_rows
 
 from maml_jax.core import batched_meta_loss, inner_adapt
 from maml_jax.data import sinusoid
@@ -93,7 +94,6 @@ def test_remat_policy_without_remat_is_an_error():
 
 
 def test_config_remat_trains_the_same_numbers(tmp_path, monkeypatch):
-    import json
 
     from maml_jax.cli import main
     from maml_jax.config import Config, ConfigError, apply_overrides
@@ -120,7 +120,7 @@ def test_config_remat_trains_the_same_numbers(tmp_path, monkeypatch):
         wrapped.clear()
         assert main(["train", "sinusoid", "--workdir", str(work), *flags, f"--config.remat={remat}"]) == 0
         assert bool(wrapped) == (remat == "true"), "config.remat did not reach core.inner_adapt"
-        losses.append([json.loads(line)["meta_loss"] for line in (work / "metrics.jsonl").read_text().splitlines()])
+        losses.append([r["meta_loss"] for r in metric_rows(work)])
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
     with pytest.raises(ConfigError, match="remat"):
         apply_overrides(Config(), {"remat": "true", "algorithm": "anil"})
@@ -140,7 +140,7 @@ def test_config_first_order_reaches_training(tmp_path):
     for first_order in ("false", "true"):
         work = tmp_path / first_order
         assert main(["train", "sinusoid", "--workdir", str(work), *flags, f"--config.first_order={first_order}"]) == 0
-        losses.append([json.loads(line)["meta_loss"] for line in (work / "metrics.jsonl").read_text().splitlines()])
+        losses.append([r["meta_loss"] for r in metric_rows(work)])
         labels.append(set(json.loads((work / "eval.json").read_text())["results"]))
     assert labels == [{"maml"}, {"fomaml"}]
     assert losses[0][0] != pytest.approx(losses[1][0], rel=1e-4)  # the 50-step means part once updates differ

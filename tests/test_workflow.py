@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from run_files import jsonl_rows, metric_rows
 
 from maml_jax import checkpoint, mlp, rundir
 from maml_jax.cli import main
@@ -96,7 +97,7 @@ def test_metrics_writer_appends_under_the_first_rows_columns_and_closes_its_file
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert list(csv.reader(f)) == [["loss", "step"], ["0.5", "1"], ["0.25", "2"]]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     assert rows[1] == {"step": 2, "loss": 0.25, "extra": 1}
 
 
@@ -195,7 +196,7 @@ def test_resume_after_a_crash_past_the_last_checkpoint_leaves_no_duplicate_rows(
     assert "dropped 2 metric row(s) logged after step 200" in capsys.readouterr().out
     for name in ("metrics.jsonl", "metrics.csv"):
         assert (full / name).read_bytes() == (run / name).read_bytes(), name
-    timing = [json.loads(line) for line in (run / "timing.jsonl").read_text().splitlines()]
+    timing = jsonl_rows(run / "timing.jsonl")
     assert [t["step"] for t in timing] == [100, 200, 300, 400]
 
 
@@ -204,9 +205,9 @@ def test_same_config_and_seed_give_identical_metrics_files(trained, tmp_path):
     assert main(["train", "sinusoid", "--workdir", str(b), *HALF]) == 0
     assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
-    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(a)
     assert [r["step"] for r in rows] == [100, 200] and all("val_mse" in r and "steps_per_s" not in r for r in rows)
-    timing = [json.loads(line) for line in (a / "timing.jsonl").read_text().splitlines()]
+    timing = jsonl_rows(a / "timing.jsonl")
     assert [t["step"] for t in timing] == [100, 200] and all(t["steps_per_s"] > 0 for t in timing)
 
 
@@ -218,7 +219,7 @@ def test_tensorboard_events_hold_the_logged_scalars(trained):
     events = EventAccumulator(str(run / "tb" / "maml"))
     events.Reload()
     assert {"meta_loss", "grad_norm", "val_mse", "steps_per_s"} <= set(events.Tags()["scalars"])
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run)
     logged = [(e.step, e.value) for e in events.Scalars("meta_loss")]
     assert logged == [(r["step"], pytest.approx(r["meta_loss"], rel=1e-6)) for r in rows]
 
@@ -234,7 +235,7 @@ def test_nonfinite_stops_naming_step_quantity_and_checkpoint_or_skips(trained, t
     assert "at step 200" in err and "non-finite" in err and "meta_loss" in err
     assert f"last good checkpoint: {tmp_path / 'maml' / 'checkpoints' / '200'}" in err
     assert main(["train", "sinusoid", "--workdir", str(tmp_path), *TINY, blow_up, "--config.skip_nonfinite=true"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     assert [(r["step"], r["skipped_steps"]) for r in rows] == [(100, 0), (200, 0), (300, 100), (400, 100)]
     # every step was skipped, so the parameters are those of the checkpoint at step 200
     at_200 = checkpoint.Checkpointer(tmp_path / "maml" / "checkpoints").restore(template_state(), step=200)[0]
