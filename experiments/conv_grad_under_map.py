@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from maml_jax.bench import median_call_ms
 from maml_jax.models.conv4 import conv3x3
 
 
@@ -66,17 +65,6 @@ def variants(fn: Callable) -> tuple[Callable, Callable]:
     return unrolled, mapped
 
 
-def time_ms(f: Callable, *args: jax.Array, repeats: int) -> float:
-    """Median wall milliseconds of ``repeats`` calls of ``f(*args)`` after one warm-up call."""
-    jax.block_until_ready(f(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=4)
@@ -94,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.only and name != a.only:
             continue
         unrolled, mapped = variants(fn)
-        u, m = time_ms(unrolled, xs, k, gs, repeats=a.repeats), time_ms(mapped, xs, k, gs, repeats=a.repeats)
+        u, m = (median_call_ms(f, xs, k, gs, calls=a.repeats) for f in (unrolled, mapped))
         row = {"form": name, "unrolled_ms": round(u, 3), "map_ms": round(m, 3), "map_over_unrolled": round(m / u, 2)}
         print(json.dumps(row), flush=True)
 

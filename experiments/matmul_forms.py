@@ -19,11 +19,10 @@ B contiguous chunks (a batched matmul, then a sum over the chunks).
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
+
+from maml_jax.bench import median_call_ms
 
 # name: (rows, k, n, form); "forward": [rows, k] @ [k, n]; "kernel gradient": contract the rows
 # of [rows, k] and [rows, n] -> [k, n]
@@ -38,18 +37,6 @@ SHAPES = {
 ROWS_CONTRACTED = (((0,), (0,)), ((), ()))  # dot_general dimension numbers of the kernel gradient
 
 
-def time_call(fn, *args, calls: int = 7) -> float:
-    """Median ms of ``calls`` calls of jitted ``fn(*args)`` after one warm-up."""
-    fn = jax.jit(fn)
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def time_matmul(rows: int, k: int, n: int, form: str, dtype, out_dtype=None) -> float:
     """Median ms of one matmul of ``form`` with inputs in ``dtype`` and the result in
     ``out_dtype`` (default: ``dtype``), over 5 calls."""
@@ -58,7 +45,8 @@ def time_matmul(rows: int, k: int, n: int, form: str, dtype, out_dtype=None) -> 
         b, dims = jnp.ones((k, n), dtype), (((1,), (0,)), ((), ()))
     else:
         b, dims = jnp.ones((rows, n), dtype), ROWS_CONTRACTED
-    return time_call(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype), a, b, calls=5)
+    matmul = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype))
+    return median_call_ms(matmul, a, b, calls=5)
 
 
 KERNEL_GRAD_FORMS = {
@@ -94,7 +82,7 @@ def main() -> None:
             continue
         a = jax.random.normal(jax.random.PRNGKey(0), (rows, k))
         g = jax.random.normal(jax.random.PRNGKey(1), (rows, n))
-        cells = [f"{label} {time_call(fn, a, g):6.1f} ms" for label, fn in KERNEL_GRAD_FORMS.items()]
+        cells = [f"{label} {median_call_ms(jax.jit(fn), a, g):6.1f} ms" for label, fn in KERNEL_GRAD_FORMS.items()]
         print(f"{name}: " + ", ".join(cells))
 
 

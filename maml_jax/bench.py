@@ -58,7 +58,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +232,19 @@ def _given_tasks(key: jax.Array, tasks: Task) -> Task:
     """The ``sample_fn`` of a fixed batch: the tasks passed in as the chunk's data."""
     del key
     return tasks
+
+
+def median_call_ms(fn: Callable, *args: Any, calls: int = 7) -> float:
+    """Median wall milliseconds of ``calls`` calls of ``fn(*args)`` (results waited for with
+    ``jax.block_until_ready``), after one call that compiles and warms up. ``fn`` is called as
+    given: jit it first to time a compiled program."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def matmul_peak_gflops(n: int = 2048, iters: int = 10, windows: int = 5) -> float:

@@ -138,3 +138,16 @@ def test_measure_reports_fixed_tasks(step_clock):
     r = bench.measure("sinusoid", iters=4, warmup=0, num_tasks=2, steps_per_call=2, windows=2, fixed_tasks=True)
     assert step_clock.calls == [2, 2]
     assert r["fixed_tasks"] is True and r["iters"] == 4 and r["it_per_s"] == 1 / SECONDS_PER_STEP
+
+
+def test_median_call_ms_warms_up_once_then_takes_the_median_of_the_timed_calls(monkeypatch):
+    clock = iter([0.0, 0.004, 1.0, 1.001, 2.0, 2.010])  # timed calls of 4, 1 and 10 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return jnp.asarray(x)
+
+    assert bench.median_call_ms(fn, 3, calls=3) == pytest.approx(4.0)
+    assert calls == [3] * 4  # the warm-up call is not timed
