@@ -20,7 +20,7 @@ from pathlib import Path
 from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
 from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
 from maml_jax.data.cache import DatasetError
-from maml_jax.host import limit_cpus, request_cpu_devices
+from maml_jax.host import init_distributed, limit_cpus, request_cpu_devices
 from maml_jax.signals import stop_signal_handler
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 2, 3, 4
@@ -126,6 +126,17 @@ def _run_command(args: argparse.Namespace, overrides: dict[str, str], parser: ar
         if args.cpu_devices < 1:
             parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
         request_cpu_devices(args.cpu_devices)
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and cluster != (None, None, None):
+        parser.error("--coordinator-address, --num-processes and --process-id need --distributed")
+    if args.distributed:
+        try:
+            index, count = init_distributed(*cluster)
+        except (RuntimeError, ValueError) as err:
+            parser.error(f"--distributed: jax.distributed.initialize failed: {err}")
+        import jax
+
+        print(f"process {index} of {count}: {jax.device_count()} devices in all", file=sys.stderr)
     return _train(args, overrides)
 
 
@@ -159,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         help="expose N XLA CPU devices, so that --config.num_devices=N (or 0) splits the task batch over "
         "them; the Omniglot workloads train faster with 2 on a 2-core CPU",
     )
+    p_train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process job first (jax.distributed.initialize: TPU pods, multi-GPU nodes, several CPU "
+        "processes); run the same command in every process with --config.num_devices=0; process 0 writes the files",
+    )
+    p_train.add_argument("--coordinator-address", default=None, help="with --distributed: HOST:PORT of process 0")
+    p_train.add_argument("--num-processes", type=int, default=None, help="with --distributed: processes in all")
+    p_train.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
     p_eval = sub.add_parser(
         "eval", help="meta-test a run directory (finished, or its latest checkpoint)", description=None
     )

@@ -32,6 +32,7 @@ from maml_jax.algorithms.mamlpp import cosine_outer_lr
 from maml_jax.algorithms.registry import build_algorithm
 from maml_jax.config import Config, ConfigError, check_resume_compatible, config_from_dict
 from maml_jax.evaluate import adaptation_curve, algorithm_curve
+from maml_jax.host import is_primary
 from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import Model
 from maml_jax.signals import stop_signal_handler
@@ -192,14 +193,14 @@ def train_model(
         state, extra, last_ckpt = found
     start = int(state.step)
     total = config.num_iterations
-    if found is not None:
+    if found is not None and writer.enabled:
         print(f"{label}: resuming from the checkpoint at step {start} of {total} ({label_dir / 'checkpoints'})")
     dropped = writer.drop_rows_after(label, start)
     if dropped:
         print(f"{label}: dropped {dropped} metric row(s) logged after step {start}, the checkpoint resumed from")
     if start >= total:
         params_path = label_dir / "params.msgpack"
-        if not params_path.is_file():  # stopped after its last checkpoint, before these were written
+        if not params_path.is_file() and writer.enabled:  # stopped after its last checkpoint, before these
             rundir.save_pytree(params_path, state.meta_params)
         return state.meta_params
 
@@ -247,7 +248,9 @@ def train_model(
 
     ckpt = checkpoint.Checkpointer(label_dir / checkpoint.CHECKPOINTS_DIR, keep=config.checkpoint_keep)
     score_key = f"val_{family.metric}" if config.validate_num_tasks else "meta_loss"
-    bar = tqdm(total=total, initial=start, desc=label, disable=not progress, unit="it", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=start, desc=label, disable=not (progress and writer.enabled), unit="it", dynamic_ncols=True
+    )
     pending = _pending_from_json(extra.get("pending"))
     score = extra.get("score")
     t_log, steps_timed = time.perf_counter(), 0
@@ -289,7 +292,8 @@ def train_model(
     finally:
         bar.close()
         ckpt.close()
-    rundir.save_pytree(label_dir / "params.msgpack", state.meta_params)
+    if writer.enabled:
+        rundir.save_pytree(label_dir / "params.msgpack", state.meta_params)
     return state.meta_params
 
 
@@ -358,8 +362,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         check_resume_compatible(json.loads((workdir / "config.json").read_text()), config, str(workdir))
     mesh = device_mesh(config)  # fails here, before anything is written, on a bad device count
     task_devices = [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])]
-    rundir.write_run_metadata(workdir, config.to_dict(), config.seed, task_devices)
-    writer = rundir.MetricsWriter(workdir)
+    primary = is_primary()  # in a multi-process job only process 0 writes files (all write checkpoints)
+    if primary:
+        rundir.write_run_metadata(workdir, config.to_dict(), config.seed, task_devices)
+    writer = rundir.MetricsWriter(workdir, enabled=primary)
     family = build_task_family(config)
     algorithms = {main_label(config): config_algorithm(config, family.model, family.task_loss_fn)}
     trained = {}
@@ -388,6 +394,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         results[label] = {"inner_lr": lrs, "by_shots": by_shots}
     ways = None if config.dataset == "sinusoid" else config.ways
     table = format_table(results, config.eval_inner_steps, family.metric, ways)
+    if not primary:
+        return {"results": results, "table": table, "workdir": str(workdir)}
     rundir.write_json(
         workdir / "eval.json",
         {

@@ -68,3 +68,29 @@ def request_cpu_devices(n: int) -> int:
     if not _backends_initialized():
         jax.config.update("jax_num_cpu_devices", n)
     return len(jax.devices("cpu"))
+
+
+def init_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> tuple[int, int]:
+    """``jax.distributed.initialize`` with the given arguments (``None``: detected from the
+    cluster: Cloud TPU, SLURM, Open MPI, ...; ``JAX_COORDINATOR_ADDRESS`` for the address).
+    CPU processes exchange collectives through gloo. Must run before JAX creates its backends.
+    Returns ``(process_index, process_count)``."""
+    import jax
+
+    if _backends_initialized():
+        raise RuntimeError("init_distributed must run before JAX creates its backends (the first computation)")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def is_primary() -> bool:
+    """True in process 0 of a multi-process job, and in a single-process one: the process that
+    writes logs, metadata, parameters and results (Orbax checkpoints are written by all)."""
+    import jax
+
+    return jax.process_index() == 0

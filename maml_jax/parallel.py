@@ -13,8 +13,9 @@ so 1, 2, 4, 8 devices train the same trajectory up to float summation order. Imp
 ``task_map``, ``lax.map`` or ``vmap``, runs over the local shard).
 
 Multi-host (TPU pods, multi-GPU nodes): call ``jax.distributed.initialize()`` on every process
-first; ``default_mesh()`` then spans ``jax.devices()`` of all hosts and each process feeds the
-same global task batch (or samples it on device from the same key, as the training chunk does).
+first (``host.init_distributed``, ``maml-jax train --distributed``); ``default_mesh()`` then
+spans ``jax.devices()`` of all hosts and each process feeds the same global task batch (or
+samples it on device from the same key, as the training chunk does).
 """
 
 from __future__ import annotations

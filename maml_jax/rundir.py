@@ -101,8 +101,9 @@ class MetricsWriter:
     runs of one config on one machine write identical files; timings go to ``timing.jsonl``.
     """
 
-    def __init__(self, workdir: Path, *, tensorboard: bool = True):
+    def __init__(self, workdir: Path, *, tensorboard: bool = True, enabled: bool = True):
         self.workdir = Path(workdir)
+        self.enabled = enabled  # False: write nothing (the non-primary processes of a multi-process job)
         self.jsonl = self.workdir / "metrics.jsonl"
         self.csv = self.workdir / "metrics.csv"
         self.timing = self.workdir / "timing.jsonl"
@@ -110,6 +111,8 @@ class MetricsWriter:
         self._tb: dict[str, Any] = {}  # run label -> tensorboardX SummaryWriter
 
     def write(self, row: dict[str, Any], timing: dict[str, float] | None = None) -> None:
+        if not self.enabled:
+            return
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -141,6 +144,9 @@ class MetricsWriter:
         checkpoint at ``step`` logs those steps again, so a crash between a log row and the
         next checkpoint leaves no duplicate rows (the files then equal an uninterrupted run's).
         """
+
+        if not self.enabled:
+            return 0
 
         def later(r: dict) -> bool:
             return r.get("run") == run and r.get("step") is not None and int(r["step"]) > step

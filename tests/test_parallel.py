@@ -119,3 +119,63 @@ def test_train_command_on_two_devices_follows_the_one_device_trajectory(tmp_path
     bad = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(tmp_path / "bad"), *flags]
     out = subprocess.run([*bad, "--config.num_devices=4"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "xla_force_host_platform_device_count=4" in out.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_distributed_train_as_one_process_with_two_devices(tmp_path):
+    """Multi-host, on one machine: two ``maml-jax train --distributed`` processes (one CPU device
+    each, gloo collectives) split every task batch over both processes' devices and log the
+    meta-losses of one process with two devices; only process 0 writes the run's files (no
+    duplicate rows), both write the Orbax checkpoints."""
+    flags = ["--no-progress", "--config.num_iterations=200", "--config.steps_per_call=100", "--config.log_every=100"]
+    flags += ["--config.checkpoint_every=100", "--config.meta_batch_size=24", "--config.eval_num_tasks=10"]
+    flags += ["--config.baselines=", "--config.eval_shots=10", "--config.num_devices=0"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    train = [sys.executable, "-m", "maml_jax", "train", "sinusoid"]
+
+    one = tmp_path / "one_process"
+    out = subprocess.run([*train, "--workdir", str(one), "--cpu-devices", "2", *flags], env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    two = tmp_path / "two_processes"
+    cluster = ["--distributed", "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(
+            [*train, "--workdir", str(two), *flags, *cluster, "--process-id", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, err[-2000:]
+        assert f"process {i} of 2: 2 devices in all" in err
+    run = json.loads((two / "run.json").read_text())
+    assert len(run["task_devices"]) == 2 and len(run["devices"]) == 2
+    assert len((two / "sessions.jsonl").read_text().splitlines()) == 1
+    rows = metric_rows(two)
+    assert [r["step"] for r in rows] == [100, 200]  # process 1 wrote no rows of its own
+    expected = [r["meta_loss"] for r in metric_rows(one)]
+    np.testing.assert_allclose([r["meta_loss"] for r in rows], expected, rtol=1e-6)
+    assert sorted(p.name for p in (two / "maml" / "checkpoints").iterdir()) == ["100", "200"]
+    mse = [json.loads((d / "eval.json").read_text())["results"]["maml"]["by_shots"]["10"]["mse"] for d in (one, two)]
+    np.testing.assert_allclose(mse[1]["1"][0], mse[0]["1"][0], rtol=1e-5)
+
+
+def test_distributed_options_need_distributed(tmp_path, capsys):
+    from maml_jax.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "sinusoid", "--workdir", str(tmp_path / "r"), "--num-processes", "2"])
+    assert exc.value.code == 2 and "need --distributed" in capsys.readouterr().err
