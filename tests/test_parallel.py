@@ -129,12 +129,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_distributed_train_as_one_process_with_two_devices(tmp_path):
+def test_two_processes_with_distributed_train_and_resume_as_one_process_with_two_devices(tmp_path):
     """Multi-host, on one machine: two ``maml-jax train --distributed`` processes (one CPU device
-    each, gloo collectives) split every task batch over both processes' devices and log the
-    meta-losses of one process with two devices; only process 0 writes the run's files (no
-    duplicate rows), both write the Orbax checkpoints."""
-    flags = ["--no-progress", "--config.num_iterations=200", "--config.steps_per_call=100", "--config.log_every=100"]
+    each, gloo collectives) split every task batch over both processes' devices. Trained for 100
+    steps, then resumed to 200 with the same command, they log the meta-losses of one process
+    with two devices trained for 200 at once; only process 0 writes the run's files (one row per
+    step, one sessions line per start), both write the Orbax checkpoints."""
+    flags = ["--no-progress", "--config.steps_per_call=100", "--config.log_every=100"]
     flags += ["--config.checkpoint_every=100", "--config.meta_batch_size=24", "--config.eval_num_tasks=10"]
     flags += ["--config.baselines=", "--config.eval_shots=10", "--config.num_devices=0"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -142,28 +143,28 @@ def test_two_processes_with_distributed_train_as_one_process_with_two_devices(tm
     train = [sys.executable, "-m", "maml_jax", "train", "sinusoid"]
 
     one = tmp_path / "one_process"
-    out = subprocess.run([*train, "--workdir", str(one), "--cpu-devices", "2", *flags], env=env, capture_output=True)
+    cmd = [*train, "--workdir", str(one), "--cpu-devices", "2", *flags, "--config.num_iterations=200"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
     two = tmp_path / "two_processes"
-    cluster = ["--distributed", "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2"]
-    procs = [
-        subprocess.Popen(
-            [*train, "--workdir", str(two), *flags, *cluster, "--process-id", str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (0, 1)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, err[-2000:]
-        assert f"process {i} of 2: 2 devices in all" in err
+    for iterations in (100, 200):
+        cluster = ["--distributed", "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2"]
+        cmd = [*train, "--workdir", str(two), *flags, f"--config.num_iterations={iterations}", *cluster]
+        procs = [
+            subprocess.Popen(
+                [*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for i in (0, 1)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+            assert p.returncode == 0, err[-2000:]
+            assert f"process {i} of 2: 2 devices in all" in err
+    assert "maml: resuming from the checkpoint at step 100 of 200" in outs[0][0]
     run = json.loads((two / "run.json").read_text())
     assert len(run["task_devices"]) == 2 and len(run["devices"]) == 2
-    assert len((two / "sessions.jsonl").read_text().splitlines()) == 1
+    assert len((two / "sessions.jsonl").read_text().splitlines()) == 2
     rows = metric_rows(two)
     assert [r["step"] for r in rows] == [100, 200]  # process 1 wrote no rows of its own
     expected = [r["meta_loss"] for r in metric_rows(one)]
