@@ -129,6 +129,18 @@ def _concat(pending: dict[str, np.ndarray] | None, metrics: dict[str, np.ndarray
     return {k: np.concatenate([pending[k], np.asarray(metrics[k])]) for k in pending}
 
 
+def _agreed_stop(signum: int | None) -> int | None:
+    """The stop signal every process acts on after a chunk: in a multi-process job
+    (``--distributed``) a signal that reached any process stops all of them at the same step,
+    so that none goes on into a chunk (or a checkpoint save) that waits for the others."""
+    if jax.process_count() == 1:
+        return signum
+    from jax.experimental import multihost_utils
+
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(signum or 0)))
+    return int(seen.max()) or None
+
+
 def _pending_to_json(pending: dict[str, np.ndarray] | None) -> dict | None:
     if pending is None:
         return None
@@ -285,10 +297,11 @@ def train_model(
                     shown = {k: f"{row[k]:.4g}" for k in ("meta_loss", "query_accuracy", score_key) if k in row}
                     bar.set_postfix(shown)
                     pending, t_log, steps_timed = None, now, 0
-                if step % config.checkpoint_every == 0 or step == total or stop["signum"] is not None:
+                signum = _agreed_stop(stop["signum"])
+                if step % config.checkpoint_every == 0 or step == total or signum is not None:
                     last_ckpt = save(step)
-                if stop["signum"] is not None:
-                    raise checkpoint.TrainingInterrupted(stop["signum"], step, last_ckpt)
+                if signum is not None:
+                    raise checkpoint.TrainingInterrupted(signum, step, last_ckpt)
     finally:
         bar.close()
         ckpt.close()

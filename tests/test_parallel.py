@@ -129,39 +129,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_distributed_train_and_resume_as_one_process_with_two_devices(tmp_path):
+# ``maml-jax train`` in which process 1 (argv[1]) alone sends itself SIGTERM while its first chunk
+# (steps 0-50) is booked, as when a scheduler stops one host of a job
+SIGTERM_IN_PROCESS_1 = """
+import os, signal, sys
+from maml_jax import experiment
+from maml_jax.cli import main
+
+if sys.argv[1] == "1":
+    concat, calls = experiment._concat, []
+
+    def concat_then_signal(pending, metrics):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return concat(pending, metrics)
+
+    experiment._concat = concat_then_signal
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_processes_with_distributed_stop_together_resume_and_train_as_one_process_with_two_devices(tmp_path):
     """Multi-host, on one machine: two ``maml-jax train --distributed`` processes (one CPU device
-    each, gloo collectives) split every task batch over both processes' devices. Trained for 100
-    steps, then resumed to 200 with the same command, they log the meta-losses of one process
-    with two devices trained for 200 at once; only process 0 writes the run's files (one row per
-    step, one sessions line per start), both write the Orbax checkpoints."""
-    flags = ["--no-progress", "--config.steps_per_call=100", "--config.log_every=100"]
+    each, gloo collectives) split every task batch over both processes' devices. A SIGTERM that
+    reaches process 1 alone stops both at step 50 with one checkpoint (exit 143); the same command
+    then resumes both to step 200, and they log the meta-losses of one process with two devices
+    trained without a stop. Only process 0 writes the run's files (one row per step, one sessions
+    line per start); both write the Orbax checkpoints."""
+    flags = ["--no-progress", "--config.num_iterations=200", "--config.steps_per_call=50", "--config.log_every=100"]
     flags += ["--config.checkpoint_every=100", "--config.meta_batch_size=24", "--config.eval_num_tasks=10"]
     flags += ["--config.baselines=", "--config.eval_shots=10", "--config.num_devices=0"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    train = [sys.executable, "-m", "maml_jax", "train", "sinusoid"]
 
     one = tmp_path / "one_process"
-    cmd = [*train, "--workdir", str(one), "--cpu-devices", "2", *flags, "--config.num_iterations=200"]
+    cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(one), "--cpu-devices", "2", *flags]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
     two = tmp_path / "two_processes"
-    for iterations in (100, 200):
+    for run_start, expected_code in (("signal in process 1", 143), ("resume", 0)):
         cluster = ["--distributed", "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2"]
-        cmd = [*train, "--workdir", str(two), *flags, f"--config.num_iterations={iterations}", *cluster]
-        procs = [
-            subprocess.Popen(
-                [*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        train = ["train", "sinusoid", "--workdir", str(two), *flags, *cluster]
+        head = [sys.executable, "-c", SIGTERM_IN_PROCESS_1] if expected_code else [sys.executable, "-m", "maml_jax"]
+        procs = []
+        for i in (0, 1):
+            argv = [*head, str(i), *train] if expected_code else [*head, *train]
+            procs.append(
+                subprocess.Popen(
+                    [*argv, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
             )
-            for i in (0, 1)
-        ]
-        outs = [p.communicate(timeout=300) for p in procs]
+        try:
+            outs = [p.communicate(timeout=180) for p in procs]  # a process left behind waits forever
+        finally:
+            for p in procs:
+                p.kill()
         for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-            assert p.returncode == 0, err[-2000:]
+            assert p.returncode == expected_code, (run_start, i, err[-2000:])
             assert f"process {i} of 2: 2 devices in all" in err
-    assert "maml: resuming from the checkpoint at step 100 of 200" in outs[0][0]
+            if expected_code:
+                assert "SIGTERM at step 50: checkpoint saved" in err, (i, err[-2000:])
+        if expected_code:
+            assert sorted(p.name for p in (two / "maml" / "checkpoints").iterdir()) == ["50"]
+    assert "maml: resuming from the checkpoint at step 50 of 200" in outs[0][0]
     run = json.loads((two / "run.json").read_text())
     assert len(run["task_devices"]) == 2 and len(run["devices"]) == 2
     assert len((two / "sessions.jsonl").read_text().splitlines()) == 2
@@ -169,7 +201,7 @@ def test_two_processes_with_distributed_train_and_resume_as_one_process_with_two
     assert [r["step"] for r in rows] == [100, 200]  # process 1 wrote no rows of its own
     expected = [r["meta_loss"] for r in metric_rows(one)]
     np.testing.assert_allclose([r["meta_loss"] for r in rows], expected, rtol=1e-6)
-    assert sorted(p.name for p in (two / "maml" / "checkpoints").iterdir()) == ["100", "200"]
+    assert {"100", "200"} <= {p.name for p in (two / "maml" / "checkpoints").iterdir()}
     mse = [json.loads((d / "eval.json").read_text())["results"]["maml"]["by_shots"]["10"]["mse"] for d in (one, two)]
     np.testing.assert_allclose(mse[1]["1"][0], mse[0]["1"][0], rtol=1e-5)
 
