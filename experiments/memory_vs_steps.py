@@ -42,17 +42,17 @@ VARIANTS = ("maml", "remat", "fomaml", "imaml", "maml-per-task", "remat-per-task
 MIB = 2**20
 
 
-def make_step(variant: str, num_inner_steps: int, task_map: str):
+def make_step(variant: str, num_inner_steps: int, task_map: str, conv_impl: str = bench.CONV_IMPLS[0]):
     """``(train_step, state, tasks)`` of omniglot-5w1s with ``num_inner_steps`` for ``variant``."""
     if variant in ("maml", "remat", "fomaml"):
         kwargs = {"maml": {}, "remat": {"remat": True}, "fomaml": {"first_order": True}}[variant]
         _, state, tasks, build_step = bench.build(
-            "omniglot-5w1s", task_map, per_task_grads=False, num_inner_steps=num_inner_steps, **kwargs
+            "omniglot-5w1s", task_map, conv_impl, per_task_grads=False, num_inner_steps=num_inner_steps, **kwargs
         )
         return build_step(task_map, jit=False), state, tasks
     w = bench.WORKLOADS["omniglot-5w1s"]
-    _, state, tasks, _ = bench.build("omniglot-5w1s", task_map)
-    loss_fn = cross_entropy_loss(conv4(w["ways"], dataset="omniglot").apply)
+    _, state, tasks, _ = bench.build("omniglot-5w1s", task_map, conv_impl)
+    loss_fn = cross_entropy_loss(conv4(w["ways"], dataset="omniglot", conv_impl=conv_impl).apply)
     if variant == "imaml":
         algorithm = imaml(loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"])
     else:  # the MAML meta-gradient taken per task inside the task map, not through it
@@ -62,8 +62,8 @@ def make_step(variant: str, num_inner_steps: int, task_map: str):
     return make_train_step_from_grads(meta_grad, optax.adam(1e-3)), state, tasks
 
 
-def measure(variant: str, k: int, task_map: str, time_iters: int) -> dict:
-    step, state, tasks = make_step(variant, k, task_map)
+def measure(variant: str, k: int, task_map: str, time_iters: int, conv_impl: str = bench.CONV_IMPLS[0]) -> dict:
+    step, state, tasks = make_step(variant, k, task_map, conv_impl)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, tasks).compile()
     compile_s = time.perf_counter() - t0
@@ -84,6 +84,8 @@ def measure(variant: str, k: int, task_map: str, time_iters: int) -> dict:
         "alias_mib": alias / MIB,
         "compile_s": compile_s,
         "task_map": task_map,
+        "conv_impl": conv_impl,
+        "backend": jax.default_backend(),
     }
     if time_iters > 0:
         state, _ = compiled(state, tasks)
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="1,5,10,25,50", help="comma-separated inner step counts K")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--task-map", default=bench.DEFAULT_TASK_MAP["omniglot-5w1s"], choices=["vmap", "map"])
+    ap.add_argument("--conv-impl", default=bench.CONV_IMPLS[0], choices=bench.CONV_IMPLS)
     ap.add_argument("--time-iters", type=int, default=2, help="timed calls per point (0: memory only)")
     ap.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     a = ap.parse_args(argv)
@@ -119,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in variants:
         for k in (int(s) for s in a.steps.split(",")):
-            r = measure(variant, k, a.task_map, a.time_iters)
+            r = measure(variant, k, a.task_map, a.time_iters, a.conv_impl)
             results.append(r)
             print(json.dumps(r) if a.json else f"{variant} K={k}: peak {r['peak_mib']:.0f} MiB", flush=True)
     if not a.json:
-        print(f"\nomniglot-5w1s, task_map={a.task_map}, {jax.default_backend()}\n" + table(results))
+        print(f"\nomniglot-5w1s, task_map={a.task_map}, conv {a.conv_impl}, {jax.default_backend()}\n" + table(results))
     return 0
 
 

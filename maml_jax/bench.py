@@ -44,7 +44,9 @@ everywhere (``lax`` was 8-20x slower in every combination), ``map`` for the imag
 ``map`` rate). On GPU/TPU measure ``lax``/``vmap`` too. ``--tasks`` overrides the task count
 (for smoke tests only: the result is then not the benchmark shape). ``flops_per_step`` is
 XLA's count for the vmapped step, whichever ``--task-map`` is timed, with every inner step
-counted (``step_flops``).
+counted (``step_flops``). ``--compute-dtype bfloat16`` runs the network in bf16 with float32
+parameters, loss and inner updates (``precision.mixed_precision``, the path of
+``--config.compute_dtype=bfloat16``); it is for GPU/TPU (slower on XLA:CPU).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from maml_jax.core import batched_meta_loss
 from maml_jax.host import available_cpus, limit_cpus, request_cpu_devices
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
+from maml_jax.precision import mixed_precision
 from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
 from maml_jax.types import Batch, Task
 
@@ -84,6 +87,7 @@ WORKLOADS = {
 }
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
+COMPUTE_DTYPES = ("float32", "bfloat16")  # bfloat16: precision.mixed_precision (float32 params and loss)
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
@@ -131,18 +135,23 @@ def sample_fn(name: str, num_tasks: int | None = None):
     return lambda key, data=None: fn(key, w)
 
 
-def _setup(name: str, conv_impl: str, num_tasks: int | None, **adapt_kwargs):
+def _setup(name: str, conv_impl: str, num_tasks: int | None, compute_dtype: str = "float32", **adapt_kwargs):
     """``(state, tasks, optimizer, make_grads, make_objective)`` of workload ``name``:
     ``make_grads(task_map)`` is the per-task meta-gradient (``batched_meta_grad``) and
-    ``make_objective(task_map)`` the mapped mean loss (``batched_meta_loss``)."""
+    ``make_objective(task_map)`` the mapped mean loss (``batched_meta_loss``). ``compute_dtype``
+    ``"bfloat16"`` runs the network in bf16 (``precision.mixed_precision``, as
+    ``--config.compute_dtype=bfloat16``)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     w = _workload(name, num_tasks)
     k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
     if w["kind"] == "mlp":
         model = mlp((40, 40), 1)
-        loss_fn = mse_loss(model.apply)
     else:
         model = conv4(w["ways"], dataset=w["kind"], conv_impl=conv_impl)
-        loss_fn = cross_entropy_loss(model.apply)
+    if compute_dtype != "float32":
+        model = mixed_precision(model, jnp.dtype(compute_dtype))
+    loss_fn = (mse_loss if w["kind"] == "mlp" else cross_entropy_loss)(model.apply)
     tasks = jax.jit(sample_fn(name, num_tasks))(k_tasks)
     optimizer = optax.adam(1e-3)
     example_x = tasks.support.x[0]
@@ -206,6 +215,7 @@ def build_chunk(
     num_tasks=None,
     num_devices: int = 1,
     fixed_tasks: bool = False,
+    compute_dtype: str = "float32",
 ):
     """``(jitted chunk(state, data) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
     ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
@@ -214,7 +224,7 @@ def build_chunk(
     Call it with ``data=None``; with ``fixed_tasks`` call it with ``data=tasks`` (replicated on the
     devices with the state): every step then trains on that one batch, as the PyTorch peers time
     it (no sampling in the timed step)."""
-    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks)
+    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks, compute_dtype)
     make_step = _step_maker(optimizer, make_grads, make_objective)
     sample = _given_tasks if fixed_tasks else sample_fn(name, num_tasks)
     if num_devices == 1:
@@ -269,9 +279,14 @@ def _flops(analysis) -> float:
 
 def xla_step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None, **adapt_kwargs) -> float:
     """XLA's own FLOP count of one vmapped train step of workload ``name`` (before optimisation),
-    ``adapt_kwargs`` as in ``build``. A loop body counts once: see ``step_flops``."""
-    step, state, tasks, _ = build(name, "vmap", conv_impl, num_tasks, **adapt_kwargs)
-    return _flops(step.lower(state, tasks).cost_analysis())
+    ``adapt_kwargs`` as in ``build``. A loop body counts once: see ``step_flops``.
+
+    The step is lowered for the CPU whatever the default backend: the count is of the program
+    before any backend's optimisation, and on GPU JAX 0.11's cost analysis of a lowering has no
+    ``flops`` entry (the H200 run printed NaN)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        step, state, tasks, _ = build(name, "vmap", conv_impl, num_tasks, **adapt_kwargs)
+        return _flops(step.lower(state, tasks).cost_analysis())
 
 
 def step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None = None) -> float:
@@ -310,6 +325,7 @@ def measure(
     steps_per_call: int | None = None,
     cpu_devices: int | None = None,
     fixed_tasks: bool = False,
+    compute_dtype: str = "float32",
 ) -> dict:
     """Compile, warm up, then time about ``iters`` meta-steps: whole calls of the fused chunk
     (``steps_per_call`` steps each) in at most ``windows`` equal windows, so the count is rounded
@@ -319,14 +335,17 @@ def measure(
     ``iters``. ``cpu_devices``: split the tasks over that many CPU devices (default
     ``DEFAULT_CPU_DEVICES``; at most ``jax.device_count()``, which ``main`` raises with
     ``jax_num_cpu_devices``; 1 off CPU). ``fixed_tasks``: every step trains on one batch sampled
-    before timing, as the PyTorch peers do, instead of sampling a new batch on device each step."""
+    before timing, as the PyTorch peers do, instead of sampling a new batch on device each step.
+    ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's)."""
     task_map = task_map or DEFAULT_TASK_MAP[name]
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
     n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
     check_task_split(name, num_tasks, n_dev)
-    chunk, state, tasks, _ = build_chunk(name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks)
+    chunk, state, tasks, _ = build_chunk(
+        name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks, compute_dtype
+    )
     data = tasks if fixed_tasks else None
     t0 = time.perf_counter()
     compiled = chunk.lower(state, data).compile()
@@ -357,6 +376,7 @@ def measure(
         "task_map": task_map,
         "fixed_tasks": fixed_tasks,
         "conv_impl": None if WORKLOADS[name]["kind"] == "mlp" else conv_impl,
+        "compute_dtype": compute_dtype,
         "tasks": int(tasks.query.x.shape[0]),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
@@ -379,6 +399,7 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
             cmd += [flag, str(kwargs[key])]
     if kwargs.get("fixed_tasks"):
         cmd.append("--fixed-tasks")
+    cmd += ["--compute-dtype", kwargs.get("compute_dtype") or COMPUTE_DTYPES[0]]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
@@ -454,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         "--task-map", default=None, choices=["vmap", "map"], help="default: the workload's (DEFAULT_TASK_MAP)"
     )
     ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
+    ap.add_argument(
+        "--compute-dtype",
+        default=COMPUTE_DTYPES[0],
+        choices=COMPUTE_DTYPES,
+        help="bfloat16: the network in bf16, parameters, loss and inner updates float32 (for GPU/TPU)",
+    )
     ap.add_argument(
         "--fixed-tasks",
         action="store_true",
@@ -537,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = dict(task_map=a.task_map, conv_impl=a.conv_impl, num_tasks=a.tasks, steps_per_call=a.steps_per_call)
         kwargs["cpu_devices"] = devices_of[name]
         kwargs["fixed_tasks"] = a.fixed_tasks
+        kwargs["compute_dtype"] = a.compute_dtype
         rounds = []
         for _ in range(a.rounds if a.compare_peers else 1):
             if in_process or not cpus_of[name]:
