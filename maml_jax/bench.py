@@ -41,7 +41,9 @@ Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot
 default to the fastest choice measured on a 2-core CPU (``DEFAULT_TASK_MAP``): ``patches``
 everywhere (``lax`` was 8-20x slower in every combination), ``map`` for the image workloads
 (with per-task gradients, 1.4-1.9x the ``vmap`` rate) and ``vmap`` for the sinusoid (1.3x the
-``map`` rate). On GPU/TPU measure ``lax``/``vmap`` too. ``--tasks`` overrides the task count
+``map`` rate). On an NVIDIA H200 ``patches`` with ``vmap`` was the fastest of the choices
+measured (``experiments/accelerator_bench.py``; results in ``experiments/results/bench/h200``);
+on TPU, unmeasured. ``--tasks`` overrides the task count
 (for smoke tests only: the result is then not the benchmark shape). ``flops_per_step`` is
 XLA's count for the vmapped step, whichever ``--task-map`` is timed, with every inner step
 counted (``step_flops``). ``--compute-dtype bfloat16`` runs the network in bf16 with float32
