@@ -20,8 +20,9 @@ fused per call) under each config ``CONV/TASK_MAP/PRECISION/DTYPE``:
 
 Configs run in the order given, each over all workloads, so that the first config's full row
 comes first; once ``--deadline-s`` has passed the rest are skipped (and reported as skipped).
-Each result is one JSON line (``bench.measure``'s fields plus ``config``, ``peak_fraction``
-against the measured matmul peak of the same precision) printed and appended to ``--out``.
+Each result is one JSON line (``bench.measure``'s fields plus ``config``, ``peak_fraction``:
+FLOPs per step of the measured program times it/s, over the float32 matmul peak measured at the
+config's matmul precision, also for bf16 rows) printed and appended to ``--out``.
 First lines: the device and the ``--peak-size`` float32 matmul rate at both precisions.
 
     python experiments/accelerator_bench.py --table OURS.jsonl [...] --peers PEERS.jsonl [...]
@@ -116,7 +117,9 @@ def tables(ours: list[dict], peers: list[dict]) -> str:
     flops_cache: dict[tuple, float] = {}
     for r in results:
         if r["flops_per_step"] != r["flops_per_step"]:  # NaN: recount (lowered for the CPU)
-            key = (r["workload"], r["conv_impl"] or bench.CONV_IMPLS[0])
+            tasks = r.get("tasks")
+            tasks = None if tasks == bench.WORKLOADS[r["workload"]]["tasks"] else tasks
+            key = (r["workload"], r["conv_impl"] or bench.CONV_IMPLS[0], tasks)
             if key not in flops_cache:
                 flops_cache[key] = bench.step_flops(*key)
             r["flops_per_step"] = flops_cache[key]

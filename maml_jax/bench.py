@@ -286,7 +286,11 @@ def xla_step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | N
     The step is lowered for the CPU whatever the default backend: the count is of the program
     before any backend's optimisation, and on GPU JAX 0.11's cost analysis of a lowering has no
     ``flops`` entry (the H200 run printed NaN)."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without the CPU: count on the default backend
+        cpu = None
+    with jax.default_device(cpu):
         step, state, tasks, _ = build(name, "vmap", conv_impl, num_tasks, **adapt_kwargs)
         return _flops(step.lower(state, tasks).cost_analysis())
 

@@ -42,15 +42,19 @@ def test_the_sinusoid_runs_once_per_choice_that_changes_its_program():
     )
 
 
-def _dot_outputs(compute_dtype: str) -> list[str]:
-    """The output types (``bf16[2,10,40]``, ...) of the dot_generals in the bench's sinusoid step."""
-    step, state, tasks, _ = bench.build("sinusoid", "vmap", num_tasks=2, compute_dtype=compute_dtype)
-    lines = str(jax.make_jaxpr(step)(state, tasks)).splitlines()
+def _dot_outputs(fn, *args) -> list[str]:
+    """The output types (``bf16[2,10,40]``, ...) of the dot_generals in ``fn(*args)``'s jaxpr."""
+    lines = str(jax.make_jaxpr(fn)(*args)).splitlines()
     return [line.split("=")[0].split(":")[-1].strip() for line in lines if "= dot_general" in line]
 
 
+def _step_dots(compute_dtype: str) -> list[str]:
+    step, state, tasks, _ = bench.build("sinusoid", "vmap", num_tasks=2, compute_dtype=compute_dtype)
+    return _dot_outputs(step, state, tasks)
+
+
 def test_bench_compute_dtype_bfloat16_runs_the_network_in_bf16_and_float32_does_not():
-    bf16, f32 = _dot_outputs("bfloat16"), _dot_outputs("float32")
+    bf16, f32 = _step_dots("bfloat16"), _step_dots("float32")
     assert f32 and all(t.startswith("f32[") for t in f32), f32
     assert any(t.startswith("bf16[") for t in bf16), bf16
     with pytest.raises(ValueError, match="compute_dtype"):
@@ -65,6 +69,52 @@ def test_bf16_train_step_keeps_float32_state_and_lowers_the_loss_on_a_fixed_batc
         losses.append(float(metrics["meta_loss"]))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.meta_params))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_the_timed_chunk_computes_in_the_dtype_measure_is_given(monkeypatch):
+    """``measure`` times ``build_chunk``'s program: its dots are bf16 exactly when asked."""
+    built = []
+    real_build_chunk = bench.build_chunk
+
+    def recording_build_chunk(*args, **kwargs):
+        out = real_build_chunk(*args, **kwargs)
+        built.append(out)
+        return out
+
+    monkeypatch.setattr(bench, "build_chunk", recording_build_chunk)
+    for dtype in bench.COMPUTE_DTYPES:
+        r = bench.measure("sinusoid", iters=2, warmup=0, num_tasks=2, windows=1, compute_dtype=dtype)
+        assert r["compute_dtype"] == dtype
+        chunk, state, _, _ = built[-1]
+        dots = _dot_outputs(chunk, state, None)
+        assert dots and any(t.startswith("bf16[") for t in dots) == (dtype == "bfloat16"), (dtype, dots)
+
+
+def test_the_pinned_child_process_is_given_the_dtype(monkeypatch):
+    ran = []
+
+    def fake_run(cmd, **kwargs):
+        ran.append(cmd)
+        line = json.dumps({"workload": "sinusoid", "it_per_s": 1.0})
+        return type("Done", (), {"returncode": 0, "stdout": line + "\n", "stderr": ""})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench.measure_in_child("sinusoid", 2, 0, 1, compute_dtype="bfloat16")
+    assert ran[0][ran[0].index("--compute-dtype") + 1] == "bfloat16"
+
+
+def test_flops_are_counted_on_a_cpu_lowering_whatever_the_default_device(monkeypatch):
+    """On GPU the lowering's cost analysis had no FLOPs (NaN): the count lowers for the CPU."""
+    seen = []
+    real_build = bench.build
+
+    def recording_build(*args, **kwargs):
+        seen.append(jax.config.jax_default_device)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "build", recording_build)
+    flops = bench.xla_step_flops("sinusoid", num_tasks=2)
+    assert seen == [jax.devices("cpu")[0]] and math.isfinite(flops) and flops > 0
 
 
 def test_measure_config_sets_the_matmul_precision_and_dtype():
@@ -138,6 +188,7 @@ def test_table_recounts_missing_flops_and_takes_the_fastest_config_against_the_f
     assert accelerator_bench.main(["--table", str(ours), "--peers", str(peers)]) == 0
     out = capsys.readouterr().out
     recounted = bench.step_flops("sinusoid")
+    assert math.isfinite(recounted) and recounted > 0 and "nan" not in out
     assert f"| {recounted / 1e9:.3g} |" in out  # the NaN count replaced by the CPU lowering's
     assert f"{100 * recounted * 200 / 100e9:.2f}%" in out and f"{100 * 1e6 * 100 / 10e9:.2f}%" in out
     assert "| sinusoid | 200.0 (None/vmap/default/float32) | 20 | 5 | 10.0x |" in out

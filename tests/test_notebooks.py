@@ -120,8 +120,8 @@ def test_omniglot_notebook_trains_evaluates_and_plots(tmp_path):
         "WORKDIR": str(workdir),
     }
     out = run_notebook("omniglot_maml.ipynb", params, tmp_path)
-    # LAYOUT "auto" on CPU keeps the library's CPU defaults (the GPU/TPU layout's grouped
-    # convolutions are too slow on XLA:CPU for the test suite)
+    # LAYOUT "auto" on CPU keeps the library's CPU defaults (the GPU layout runs in the test
+    # below; the TPU layout's grouped convolutions are too slow on XLA:CPU for the test suite)
     assert "'conv_impl': 'patches', 'task_map': 'map', 'num_devices': 1" in out
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_iterations"] == 10 and config["name"] == "omniglot_5w1s"
@@ -145,3 +145,13 @@ def test_omniglot_notebook_gpu_layout_trains_with_patches_and_vmap_on_all_device
     config = json.loads((workdir / "config.json").read_text())
     assert (config["conv_impl"], config["task_map"], config["num_devices"]) == ("patches", "vmap", 0)
     assert [r["step"] for r in metric_rows(workdir)][-1] == 2
+
+
+def test_omniglot_notebook_refuses_an_unknown_layout(tmp_path):
+    """A typo, or the old "accelerator", must not silently train with the CPU settings."""
+    if not (SHARED_OMNIGLOT / "images_background.zip").is_file():
+        pytest.skip(f"real Omniglot not found in {SHARED_OMNIGLOT}")
+    params = {"NUM_ITERATIONS": 1, "DATA_DIR": str(SHARED_OMNIGLOT), "WORKDIR": str(tmp_path / "run")}
+    with pytest.raises(AssertionError, match="LAYOUT must be"):
+        run_notebook("omniglot_maml.ipynb", dict(params, LAYOUT="accelerator"), tmp_path)
+    assert not (tmp_path / "run" / "metrics.csv").exists()
