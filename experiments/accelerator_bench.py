@@ -81,14 +81,18 @@ def run_key(name: str, config: dict) -> tuple:
     return name, conv, config["task_map"], config["precision"], config["compute_dtype"]
 
 
+def matmul_precision(name: str) -> str | None:
+    """``jax.default_matmul_precision``'s argument for a config's precision name."""
+    return None if name == "default" else name
+
+
 def measure_config(name: str, config: dict, iters: int | None = None, num_tasks: int | None = None) -> dict:
     """``bench.measure`` of workload ``name`` under ``config`` (``parse_config``), with the
     accelerator's iteration counts (``ACCEL_ITERS``) unless ``iters`` is given."""
     n_iters, warmup, per_call = ACCEL_ITERS[bench.WORKLOADS[name]["kind"]]
     if iters is not None:
         n_iters, warmup, per_call = iters, 1, min(per_call, iters)
-    precision = None if config["precision"] == "default" else config["precision"]
-    with jax.default_matmul_precision(precision):
+    with jax.default_matmul_precision(matmul_precision(config["precision"])):
         return bench.measure(
             name,
             n_iters,
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     peaks = {}
     for precision in ("default", "highest"):
-        with jax.default_matmul_precision(None if precision == "default" else precision):
+        with jax.default_matmul_precision(matmul_precision(precision)):
             peaks[precision] = bench.matmul_peak_gflops(a.peak_size)
     emit(
         {

@@ -76,7 +76,7 @@ from maml_jax.core import batched_meta_loss
 from maml_jax.host import available_cpus, limit_cpus, request_cpu_devices
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
-from maml_jax.precision import mixed_precision
+from maml_jax.precision import COMPUTE_DTYPES, with_compute_dtype
 from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
 from maml_jax.types import Batch, Task
 
@@ -89,7 +89,6 @@ WORKLOADS = {
 }
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
-COMPUTE_DTYPES = ("float32", "bfloat16")  # bfloat16: precision.mixed_precision (float32 params and loss)
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
@@ -143,16 +142,13 @@ def _setup(name: str, conv_impl: str, num_tasks: int | None, compute_dtype: str 
     ``make_objective(task_map)`` the mapped mean loss (``batched_meta_loss``). ``compute_dtype``
     ``"bfloat16"`` runs the network in bf16 (``precision.mixed_precision``, as
     ``--config.compute_dtype=bfloat16``)."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     w = _workload(name, num_tasks)
     k_init, k_tasks, k_state = jax.random.split(jax.random.PRNGKey(0), 3)
     if w["kind"] == "mlp":
         model = mlp((40, 40), 1)
     else:
         model = conv4(w["ways"], dataset=w["kind"], conv_impl=conv_impl)
-    if compute_dtype != "float32":
-        model = mixed_precision(model, jnp.dtype(compute_dtype))
+    model = with_compute_dtype(model, compute_dtype)  # ValueError (HyperparameterError) for other names
     loss_fn = (mse_loss if w["kind"] == "mlp" else cross_entropy_loss)(model.apply)
     tasks = jax.jit(sample_fn(name, num_tasks))(k_tasks)
     optimizer = optax.adam(1e-3)

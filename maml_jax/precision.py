@@ -26,6 +26,8 @@ from maml_jax.models.base import Model
 from maml_jax.validation import HyperparameterError
 
 OUTPUT_DTYPE = jnp.float32
+# the names a config or the benchmark may give (``--config.compute_dtype``, ``--compute-dtype``)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -47,3 +49,11 @@ def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
         return cast_floating(out, OUTPUT_DTYPE)
 
     return Model(model.init, apply)
+
+
+def with_compute_dtype(model: Model, compute_dtype: str) -> Model:
+    """``model`` itself for ``"float32"``, else ``mixed_precision(model, compute_dtype)``;
+    ``HyperparameterError`` for a name outside ``COMPUTE_DTYPES``."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise HyperparameterError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return model if compute_dtype == "float32" else mixed_precision(model, jnp.dtype(compute_dtype))

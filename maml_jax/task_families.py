@@ -21,7 +21,7 @@ from maml_jax.data import episodes, sinusoid
 from maml_jax.evaluate import adaptation_curve, algorithm_curve, summarize_curve
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import Model, conv4, mlp
-from maml_jax.precision import mixed_precision
+from maml_jax.precision import with_compute_dtype
 from maml_jax.types import Params, Task, TaskLossFn
 
 # evaluate(params, *, inner_lr, seed, num_tasks, shots) -> {K: {metric: {steps: (mean, ci95, median)}}}
@@ -41,8 +41,7 @@ class TaskFamily(NamedTuple):
 def build_model(config: Config) -> Model:
     """The network a config names: the sinusoid MLP or the paper's conv4, computing in
     ``config.compute_dtype`` (float32 parameters and outputs either way)."""
-    model = _build_float32_model(config)
-    return model if config.compute_dtype == "float32" else mixed_precision(model, jnp.dtype(config.compute_dtype))
+    return with_compute_dtype(_build_float32_model(config), config.compute_dtype)
 
 
 def _build_float32_model(config: Config) -> Model:
