@@ -113,8 +113,14 @@ def read_jsonl(paths: list[str]) -> list[dict]:
     return rows
 
 
+def peer_label(row: dict) -> str:
+    """A peer's column name: ``torchfunc``, or ``torchfunc+tf32`` for a ``--tf32`` run."""
+    return row["peer"] + ("+tf32" if row.get("matmul_allow_tf32") else "")
+
+
 def tables(ours: list[dict], peers: list[dict]) -> str:
-    """Markdown: every measured config of ours, then the fastest per workload against the peers."""
+    """Markdown: every measured config of ours, then the fastest float32 config per workload
+    against the peers (bf16 rows are left out of the ratio: the peers compute in float32)."""
     device = next((r for r in ours if r.get("kind") == "device"), None)
     peak = device["matmul_peak_gflops"] if device else {}
     results = [r for r in ours if r.get("kind") == "result"]
@@ -137,12 +143,13 @@ def tables(ours: list[dict], peers: list[dict]) -> str:
             f"{r['compute_dtype']} | {r['it_per_s']:,.1f} ({r['it_per_s_min']:,.1f}-{r['it_per_s_max']:,.1f}) | "
             f"{r['compile_s']:.1f} | {r['flops_per_step'] / 1e9:.3g} | {100 * frac:.2f}% |"
         )
-    names = list(dict.fromkeys(p["peer"] for p in peers))
+    names = list(dict.fromkeys(peer_label(p) for p in peers))
     head = ["workload", "ours it/s (config)"] + [f"{p} it/s" for p in names] + ["ours / fastest peer"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name in dict.fromkeys(r["workload"] for r in results):
-        best = max((r for r in results if r["workload"] == name), key=lambda r: r["it_per_s"])
-        rates = {p["peer"]: p["it_per_s"] for p in peers if p["workload"] == name}
+    float32 = [r for r in results if r["compute_dtype"] == "float32"]  # the peers compute in float32
+    for name in dict.fromkeys(r["workload"] for r in float32):
+        best = max((r for r in float32 if r["workload"] == name), key=lambda r: r["it_per_s"])
+        rates = {peer_label(p): p["it_per_s"] for p in peers if p["workload"] == name}
         cells = [name, f"{best['it_per_s']:,.1f} ({best['config']})"]
         cells += [f"{rates[p]:,.3g}" if p in rates else "-" for p in names]
         cells.append(f"{best['it_per_s'] / max(rates.values()):.1f}x" if rates else "-")

@@ -11,7 +11,9 @@ the CPU comparison times), and times ``--iters`` steps after ``--warmup`` with
 ``torch.cuda.synchronize()`` before the clock starts and before it stops (CUDA kernels are
 asynchronous). Like the CPU peers, each steps on one fixed task batch. PyTorch's default
 precision is kept and reported: float32 matmuls in full precision
-(``torch.backends.cuda.matmul.allow_tf32`` False) and cuDNN convolutions allowed TF32. Prints
+(``torch.backends.cuda.matmul.allow_tf32`` False) and cuDNN convolutions allowed TF32.
+``--tf32`` lets the matmuls use TF32 too (``torch.backends.cuda.matmul.allow_tf32 = True``), the
+precision JAX uses by default on such a GPU, for a comparison at equal precision. Prints
 one JSON line per (peer, workload), as ``torch_peers.py`` does, plus ``device`` and the TF32
 flags. learn2learn comes from ``L2L_SRC`` as in ``torch_peers.py``; ``higher`` must be importable.
 """
@@ -86,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="default: 200 sinusoid, 20 images")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="torch device (cpu: a smoke test of this script)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (JAX's default precision)")
     a = ap.parse_args(argv)
     import torch
+
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device visible to PyTorch", file=sys.stderr)

@@ -152,24 +152,26 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
         assert exc.value.code == 2
 
 
-def test_table_recounts_missing_flops_and_takes_the_fastest_config_against_the_fastest_peer(tmp_path, capsys):
-    def result(config, rate, flops):
-        conv, task_map, precision, dtype = config.split("/")
-        return {
-            "kind": "result",
-            "workload": "sinusoid",
-            "config": config,
-            "conv_impl": None,
-            "task_map": task_map,
-            "precision": precision,
-            "compute_dtype": dtype,
-            "it_per_s": rate,
-            "it_per_s_min": rate,
-            "it_per_s_max": rate,
-            "compile_s": 1.0,
-            "flops_per_step": flops,
-        }
+def result(config, rate, flops=1e6):
+    """A sinusoid result line of ``--out``, for ``config`` ``CONV/TASK_MAP/PRECISION/DTYPE``."""
+    conv, task_map, precision, dtype = config.split("/")
+    return {
+        "kind": "result",
+        "workload": "sinusoid",
+        "config": config,
+        "conv_impl": None,
+        "task_map": task_map,
+        "precision": precision,
+        "compute_dtype": dtype,
+        "it_per_s": rate,
+        "it_per_s_min": rate,
+        "it_per_s_max": rate,
+        "compile_s": 1.0,
+        "flops_per_step": flops,
+    }
 
+
+def test_table_recounts_missing_flops_and_takes_the_fastest_config_against_the_fastest_peer(tmp_path, capsys):
     ours = tmp_path / "ours.jsonl"
     device = {"kind": "device", "matmul_peak_gflops": {"default": 100.0, "highest": 10.0}}
     rows = [
@@ -192,3 +194,24 @@ def test_table_recounts_missing_flops_and_takes_the_fastest_config_against_the_f
     assert f"| {recounted / 1e9:.3g} |" in out  # the NaN count replaced by the CPU lowering's
     assert f"{100 * recounted * 200 / 100e9:.2f}%" in out and f"{100 * 1e6 * 100 / 10e9:.2f}%" in out
     assert "| sinusoid | 200.0 (None/vmap/default/float32) | 20 | 5 | 10.0x |" in out
+
+
+def test_table_ratio_leaves_out_bf16_and_gives_tf32_peers_their_own_column(tmp_path, capsys):
+    ours = tmp_path / "ours.jsonl"
+    rows = [
+        {"kind": "device", "matmul_peak_gflops": {"default": 100.0, "highest": 10.0}},
+        result("None/vmap/default/float32", 200.0),
+        result("None/vmap/default/bfloat16", 900.0),  # faster, but not comparable with float32 peers
+    ]
+    ours.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    peers = tmp_path / "peers.jsonl"
+    peer_rows = [
+        {"peer": "torchfunc", "workload": "sinusoid", "it_per_s": 20.0, "matmul_allow_tf32": False},
+        {"peer": "torchfunc", "workload": "sinusoid", "it_per_s": 40.0, "matmul_allow_tf32": True},
+    ]
+    peers.write_text("\n".join(json.dumps(r) for r in peer_rows) + "\n")
+    assert accelerator_bench.main(["--table", str(ours), "--peers", str(peers)]) == 0
+    out = capsys.readouterr().out
+    assert "| 900.0 (900.0-900.0) |" in out  # the bf16 row is still listed among our configs
+    assert "torchfunc it/s | torchfunc+tf32 it/s |" in out
+    assert "| sinusoid | 200.0 (None/vmap/default/float32) | 20 | 40 | 5.0x |" in out
