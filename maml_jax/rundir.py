@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import csv
 import datetime
+import importlib
 import importlib.metadata
 import io
 import json
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,14 @@ def write_run_metadata(workdir: Path, config_dict: dict, seed: int, task_devices
         f.write(json.dumps(meta, sort_keys=True) + "\n")
 
 
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 class MetricsWriter:
     """Appends rows to ``metrics.jsonl`` and ``metrics.csv`` (CSV columns from the first row),
     wall-clock measurements to ``timing.jsonl``, and every numeric value of a row as a
@@ -99,6 +109,8 @@ class MetricsWriter:
 
     ``metrics.*`` hold only values that are a function of the config and seed, so that two
     runs of one config on one machine write identical files; timings go to ``timing.jsonl``.
+    Without ``tensorboardX`` (a dependency, but missing from some prepared images) it warns
+    once, when created, and writes no event files; training goes on.
     """
 
     def __init__(self, workdir: Path, *, tensorboard: bool = True, enabled: bool = True):
@@ -107,6 +119,13 @@ class MetricsWriter:
         self.jsonl = self.workdir / "metrics.jsonl"
         self.csv = self.workdir / "metrics.csv"
         self.timing = self.workdir / "timing.jsonl"
+        if tensorboard and enabled and not _importable("tensorboardX"):
+            warnings.warn(
+                "tensorboardX is not installed, so no TensorBoard event files are written (metrics.jsonl "
+                "and metrics.csv are); install it with `pip install tensorboardX`",
+                stacklevel=2,
+            )
+            tensorboard = False
         self.tensorboard = tensorboard
         self._tb: dict[str, Any] = {}  # run label -> tensorboardX SummaryWriter
 

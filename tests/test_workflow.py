@@ -466,3 +466,19 @@ def test_missing_data_dir_names_the_path_and_the_layout(tmp_path, capsys):
     assert main(["train", "omniglot_5w1s", "--workdir", str(tmp_path / "run"), f"--config.data_dir={data}"]) == 4
     err = capsys.readouterr().err
     assert str(data) in err and "images_background" in err and "characterNN/*.png" in err
+
+
+def test_metrics_writer_without_tensorboardx_warns_once_and_keeps_the_metrics(tmp_path, monkeypatch):
+    """A machine without tensorboardX (as one GPU image was) still trains and logs: a warning
+    when the writer is made, metrics.jsonl and metrics.csv written, no event files."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes the module unimportable
+    with pytest.warns(UserWarning, match="tensorboardX is not installed") as caught:
+        writer = rundir.MetricsWriter(tmp_path)
+        writer.write({"step": 1, "run": "maml", "loss": 0.5})
+        writer.write({"step": 2, "run": "maml", "loss": 0.25})
+        writer.close()
+    assert len(caught) == 1
+    assert [r["loss"] for r in metric_rows(tmp_path)] == [0.5, 0.25]
+    assert (tmp_path / "metrics.csv").exists() and not (tmp_path / "tb").exists()
