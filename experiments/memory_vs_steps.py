@@ -114,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", default="1,5,10,25,50", help="comma-separated inner step counts K")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--task-map", default=bench.DEFAULT_TASK_MAP["omniglot-5w1s"], choices=["vmap", "map"])
+    ap.add_argument("--task-map", choices=["vmap", "map"], help="default: bench.default_task_map (map on CPU)")
     ap.add_argument("--conv-impl", default=bench.CONV_IMPLS[0], choices=bench.CONV_IMPLS)
     ap.add_argument("--time-iters", type=int, default=2, help="timed calls per point (0: memory only)")
     ap.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     a = ap.parse_args(argv)
+    a.task_map = a.task_map or bench.default_task_map("omniglot-5w1s")
     variants = [v for v in a.variants.split(",") if v]
     results = []
     for variant in variants:

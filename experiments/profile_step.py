@@ -67,7 +67,7 @@ def profile(name: str, steps: int) -> dict[str, float]:
     after two warm-up calls."""
     per_call = bench.DEFAULT_STEPS_PER_CALL[bench.WORKLOADS[name]["kind"]]
     calls = -(-steps // per_call)
-    chunk, state, _, _ = bench.build_chunk(name, bench.DEFAULT_TASK_MAP[name], per_call)
+    chunk, state, _, _ = bench.build_chunk(name, bench.default_task_map(name), per_call)
     for _ in range(2):
         state, _ = chunk(state, None)
     jax.block_until_ready(state)

@@ -42,8 +42,9 @@ default to the fastest choice measured on a 2-core CPU (``DEFAULT_TASK_MAP``): `
 everywhere (``lax`` was 8-20x slower in every combination), ``map`` for the image workloads
 (with per-task gradients, 1.4-1.9x the ``vmap`` rate) and ``vmap`` for the sinusoid (1.3x the
 ``map`` rate). On an NVIDIA H200 ``patches`` with ``vmap`` was the fastest of the choices
-measured (``experiments/accelerator_bench.py``; results in ``experiments/results/bench/h200``);
-on TPU, unmeasured. ``--tasks`` overrides the task count
+measured (``experiments/accelerator_bench.py``; results in ``experiments/results/bench/h200``;
+``map`` ran at 0.16-0.17x ``vmap`` there), so off the CPU backend the default task map is
+``vmap`` for every workload (``default_task_map``); on TPU, unmeasured. ``--tasks`` overrides the task count
 (for smoke tests only: the result is then not the benchmark shape). ``flops_per_step`` is
 XLA's count for the vmapped step, whichever ``--task-map`` is timed, with every inner step
 counted (``step_flops``). ``--compute-dtype bfloat16`` runs the network in bf16 with float32
@@ -90,6 +91,14 @@ WORKLOADS = {
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
+
+
+def default_task_map(name: str, backend: str | None = None) -> str:
+    """``DEFAULT_TASK_MAP[name]`` on the CPU backend, ``"vmap"`` on a GPU or TPU (``backend``,
+    default ``jax.default_backend()``): the fastest task map measured on each."""
+    return DEFAULT_TASK_MAP[name] if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
 DEFAULT_ITERS = {"mlp": (2000, 50), "omniglot": (20, 3), "miniimagenet": (10, 2)}  # (iters, warmup)
 DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
 # CPUs (affinity mask, host.limit_cpus) the JAX CPU backend runs a workload on; None: all.
@@ -339,7 +348,7 @@ def measure(
     ``jax_num_cpu_devices``; 1 off CPU). ``fixed_tasks``: every step trains on one batch sampled
     before timing, as the PyTorch peers do, instead of sampling a new batch on device each step.
     ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's)."""
-    task_map = task_map or DEFAULT_TASK_MAP[name]
+    task_map = task_map or default_task_map(name)
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
@@ -474,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         help="train steps fused in one compiled call (lax.scan); default: 100 sinusoid, 1 images",
     )
     ap.add_argument(
-        "--task-map", default=None, choices=["vmap", "map"], help="default: the workload's (DEFAULT_TASK_MAP)"
+        "--task-map",
+        default=None,
+        choices=["vmap", "map"],
+        help="default: the workload's on CPU (DEFAULT_TASK_MAP), vmap on GPU/TPU",
     )
     ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
     ap.add_argument(

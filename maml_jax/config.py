@@ -79,8 +79,9 @@ class Config:
     outer_lr: float = 1e-3
     outer_grad_clip: float = 0.0  # clip the meta-gradient to this global norm before Adam; 0 = off
     num_iterations: int = 70_000
-    # "vmap" (batched) or "map" (lax.map, one task at a time: the image configs' choice, and
-    # 1.65x faster for meta_lstm on a CPU, experiments/results/compare_sinusoid/meta_lstm_task_map.md)
+    # "vmap" (batched), "map" (lax.map, one task at a time: 1.65x faster for meta_lstm on a CPU,
+    # experiments/results/compare_sinusoid/meta_lstm_task_map.md) or "auto" (core.resolve_task_map:
+    # "map" on the CPU backend, "vmap" on GPU/TPU; the image configs' choice)
     task_map: str = "vmap"
     # devices the task batch is split over (maml_jax.parallel; gradients averaged across them);
     # 1 = no sharding, 0 = all of jax.devices(); meta_batch_size must divide evenly
@@ -175,8 +176,8 @@ class Config:
                 f"config.meta_batch_size={self.meta_batch_size} does not split evenly over "
                 f"config.num_devices={self.num_devices}"
             )
-        if self.task_map not in ("vmap", "map"):
-            raise ConfigError(f"config.task_map must be 'vmap' or 'map', got {self.task_map!r}")
+        if self.task_map not in ("vmap", "map", "auto"):
+            raise ConfigError(f"config.task_map must be 'vmap', 'map' or 'auto', got {self.task_map!r}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"config.dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
         if self.model not in ("mlp", "conv4"):

@@ -151,6 +151,20 @@ def meta_loss(
     return loss, metrics
 
 
+def resolve_task_map(task_map: str, backend: str | None = None) -> TaskMap:
+    """``"vmap"`` or ``"map"`` for a config's ``task_map``: ``"auto"`` is ``"map"`` on the CPU
+    backend and ``"vmap"`` on a GPU or TPU (``backend``, default ``jax.default_backend()``).
+
+    The measured reason (README, Speed): ``lax.map`` was 1.3-1.6x faster than ``vmap`` for the
+    conv4 workloads on 2-core CPUs, and 0.16-0.17x ``vmap`` on an H200.
+    """
+    if task_map == "auto":
+        return "map" if (backend or jax.default_backend()) == "cpu" else "vmap"
+    if task_map not in ("vmap", "map"):
+        raise HyperparameterError(f"task_map must be 'vmap', 'map' or 'auto', got {task_map!r}")
+    return task_map
+
+
 def map_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = "vmap") -> Any:
     """Apply ``fn`` to every task of a batch ``[tasks, ...]``: ``jax.vmap`` or ``lax.map``.
 

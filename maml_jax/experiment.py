@@ -31,6 +31,7 @@ from maml_jax.algorithms.maml import maml
 from maml_jax.algorithms.mamlpp import cosine_outer_lr
 from maml_jax.algorithms.registry import build_algorithm
 from maml_jax.config import Config, ConfigError, check_resume_compatible, config_from_dict
+from maml_jax.core import resolve_task_map
 from maml_jax.evaluate import adaptation_curve, algorithm_curve
 from maml_jax.host import is_primary
 from maml_jax.losses import cross_entropy_loss
@@ -228,7 +229,7 @@ def train_model(
         remat=config.remat,
         inner_grad_clip=config.inner_grad_clip,
     )
-    grads = functools.partial(batched_meta_grad, grad_algorithm, task_map=config.task_map)
+    grads = functools.partial(batched_meta_grad, grad_algorithm, task_map=resolve_task_map(config.task_map))
     mesh = device_mesh(config)  # None: one device
     if mesh is not None:
         state = parallel.replicate(state, mesh)

@@ -17,6 +17,7 @@ import numpy as np
 
 from maml_jax.algorithms.base import Algorithm
 from maml_jax.config import Config, ConfigError
+from maml_jax.core import resolve_task_map
 from maml_jax.data import episodes, sinusoid
 from maml_jax.evaluate import adaptation_curve, algorithm_curve, summarize_curve
 from maml_jax.losses import cross_entropy_loss, mse_loss
@@ -143,14 +144,14 @@ def _classification_family(config: Config) -> TaskFamily:
             key, images, chunk, config.ways, config.shots, config.eval_queries, first_task=first_task
         )
         if algorithm is not None:
-            return algorithm_curve(algorithm, params, tasks, config.eval_inner_steps, config.task_map)
+            return algorithm_curve(algorithm, params, tasks, config.eval_inner_steps, resolve_task_map(config.task_map))
         return adaptation_curve(
             params,
             tasks,
             loss,
             num_inner_steps=max_steps,
             inner_lr=inner_lr,
-            task_map=config.task_map,
+            task_map=resolve_task_map(config.task_map),
             inner_grad_clip=config.inner_grad_clip,
         )
 

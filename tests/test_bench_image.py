@@ -112,3 +112,10 @@ def test_step_flops_counts_every_inner_step(monkeypatch):
     # body once, 2 of 5 inner steps (should a later XLA multiply by the trip count, this fails
     # and the extrapolation in step_flops is no longer needed)
     assert rolled < 0.6 * unrolled
+
+
+def test_default_task_map_is_the_cpu_measurement_on_cpu_and_vmap_elsewhere():
+    for name in bench.WORKLOADS:
+        assert bench.default_task_map(name, "cpu") == bench.DEFAULT_TASK_MAP[name]
+        assert bench.default_task_map(name, "gpu") == bench.default_task_map(name, "tpu") == "vmap"
+    assert bench.default_task_map("omniglot-5w1s", "cpu") == "map"  # the measured CPU choice

@@ -89,3 +89,15 @@ def test_train_step_compiles_once(setup):
         new_tasks = sinusoid.sample_tasks(jax.random.PRNGKey(i), num_tasks=6, num_support=5, num_query=7)
         state, metrics = step(state, new_tasks)
     assert int(state.step) == 4 and bool(metrics["finite"])
+
+
+def test_auto_task_map_is_map_on_the_cpu_and_vmap_on_accelerators():
+    from maml_jax.core import resolve_task_map
+    from maml_jax.validation import HyperparameterError
+
+    assert resolve_task_map("auto", "cpu") == "map"
+    assert resolve_task_map("auto", "gpu") == "vmap" and resolve_task_map("auto", "tpu") == "vmap"
+    assert resolve_task_map("auto") == ("map" if jax.default_backend() == "cpu" else "vmap")
+    assert [resolve_task_map(m, "gpu") for m in ("vmap", "map")] == ["vmap", "map"]  # explicit choices kept
+    with pytest.raises(HyperparameterError, match="'vmap', 'map' or 'auto'"):
+        resolve_task_map("pmap")
