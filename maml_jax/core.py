@@ -155,8 +155,10 @@ def resolve_task_map(task_map: str, backend: str | None = None) -> TaskMap:
     """``"vmap"`` or ``"map"`` for a config's ``task_map``: ``"auto"`` is ``"map"`` on the CPU
     backend and ``"vmap"`` on a GPU or TPU (``backend``, default ``jax.default_backend()``).
 
-    The measured reason (README, Speed): ``lax.map`` was 1.3-1.6x faster than ``vmap`` for the
-    conv4 workloads on 2-core CPUs, and 0.16-0.17x ``vmap`` on an H200.
+    Tuned for the conv4 image configs, which use it (README, Speed): with per-task gradients
+    ``lax.map`` ran them at 1.4-1.9x the ``vmap`` rate on a 2-core CPU (``maml_jax.bench``), and
+    at 0.16-0.17x ``vmap`` on an H200. (The sinusoid MLP runs faster under ``vmap`` on a CPU too;
+    its configs say ``"vmap"``.)
     """
     if task_map == "auto":
         return "map" if (backend or jax.default_backend()) == "cpu" else "vmap"

@@ -378,7 +378,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     task_devices = [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])]
     primary = is_primary()  # in a multi-process job only process 0 writes files (all write checkpoints)
     if primary:
-        rundir.write_run_metadata(workdir, config.to_dict(), config.seed, task_devices)
+        rundir.write_run_metadata(
+            workdir, config.to_dict(), config.seed, task_devices, resolve_task_map(config.task_map)
+        )
     writer = rundir.MetricsWriter(workdir, enabled=primary)
     family = build_task_family(config)
     algorithms = {main_label(config): config_algorithm(config, family.model, family.task_loss_fn)}

@@ -4,7 +4,7 @@ Layout of ``workdir``::
 
     config.json       the resolved config
     run.json          seed, command, git commit, package versions, devices (and the ones the
-                      task batch is split over), start time
+                      task batch is split over), the task map used, start time
     sessions.jsonl    the same, one line per start or resume (a run resumed on another
                       machine, e.g. a GPU, keeps where each part of it ran)
     metrics.jsonl     one JSON object per log row (``metrics.csv``: the same rows); only
@@ -71,10 +71,17 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def write_run_metadata(workdir: Path, config_dict: dict, seed: int, task_devices: list[str] | None = None) -> None:
+def write_run_metadata(
+    workdir: Path,
+    config_dict: dict,
+    seed: int,
+    task_devices: list[str] | None = None,
+    task_map: str | None = None,
+) -> None:
     """``config.json``, and ``run.json`` plus one line of ``sessions.jsonl`` for this start:
-    seed, command, commit, versions, the visible devices and CPUs, and ``task_devices``, the
-    devices the task batch is split over (default the first device)."""
+    seed, command, commit, versions, the visible devices and CPUs, ``task_devices``, the
+    devices the task batch is split over (default the first device), and ``task_map``, the task
+    map the config's resolves to on this backend (``"auto"`` → ``"map"`` or ``"vmap"``)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", config_dict)
@@ -86,6 +93,7 @@ def write_run_metadata(workdir: Path, config_dict: dict, seed: int, task_devices
         "versions": package_versions(),
         "devices": [str(d) for d in jax.devices()],
         "task_devices": task_devices if task_devices is not None else [str(jax.devices()[0])],
+        "task_map": task_map,
         "cpus": available_cpus(),  # the affinity mask (maml-jax train --cpus)
         "platform": platform.platform(),
     }
@@ -192,7 +200,7 @@ class MetricsWriter:
 
     def _summary_writer(self, run: str):
         if run not in self._tb:
-            from tensorboardX import SummaryWriter  # imported when the first scalar is written
+            from tensorboardX import SummaryWriter  # checked importable when the writer was made
 
             self._tb[run] = SummaryWriter(logdir=str(self.workdir / "tb" / run))
         return self._tb[run]

@@ -119,3 +119,12 @@ def test_default_task_map_is_the_cpu_measurement_on_cpu_and_vmap_elsewhere():
         assert bench.default_task_map(name, "cpu") == bench.DEFAULT_TASK_MAP[name]
         assert bench.default_task_map(name, "gpu") == bench.default_task_map(name, "tpu") == "vmap"
     assert bench.default_task_map("omniglot-5w1s", "cpu") == "map"  # the measured CPU choice
+
+
+def test_measure_defaults_to_vmap_off_the_cpu(monkeypatch):
+    """``measure`` without ``task_map`` takes ``default_task_map`` for the backend it runs on:
+    with the backend reported as a GPU (the step itself still runs on this CPU) the Omniglot
+    workload, ``map`` on a CPU, is timed with ``vmap``."""
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    result = bench.measure("omniglot-5w1s", iters=1, warmup=0, windows=1, num_tasks=2)
+    assert result["task_map"] == "vmap" and result["it_per_s"] > 0

@@ -203,22 +203,35 @@ def test_bench_prints_one_json_line(entry):
     assert result["workload"] == "sinusoid" and result["it_per_s"] > 0 and result["compile_s"] > 0
 
 
-def test_task_map_auto_trains_as_the_backends_choice(tmp_path, capsys):
-    """``--config.task_map=auto`` (the image configs') is resolved before it reaches the task
-    map (which knows only ``vmap`` and ``map``: unresolved, training would stop there) and trains
-    exactly as the backend's choice; an unknown value is refused by name. Which choice ``auto``
-    makes is ``test_core_batching.py``'s (on this sinusoid ``map`` and ``vmap`` agree anyway)."""
+def test_task_map_auto_trains_as_the_backends_choice(tmp_path, capsys, monkeypatch):
+    """``--config.task_map=auto`` (the image configs') is resolved before training: the meta-
+    gradient is taken with the backend's choice (``map`` on this CPU), ``run.json`` records it,
+    and the run equals one with that choice explicit; an unknown value is refused by name."""
     from run_files import metric_rows
 
-    def losses(task_map):
+    import maml_jax.experiment as experiment
+
+    used = []
+    original = experiment.batched_meta_grad
+
+    def spy(*args, task_map, **kwargs):
+        used.append(task_map)
+        return original(*args, task_map=task_map, **kwargs)
+
+    monkeypatch.setattr(experiment, "batched_meta_grad", spy)
+
+    def run(task_map):
         work = tmp_path / task_map
         argv = ["train", "sinusoid", "--workdir", str(work), "--no-progress", f"--config.task_map={task_map}"]
         argv += ["--config.num_iterations=40", "--config.steps_per_call=20", "--config.log_every=20"]
         argv += ["--config.eval_num_tasks=4", "--config.baselines=", "--config.eval_shots=5"]
         assert main(argv) == 0
-        return [r["meta_loss"] for r in metric_rows(work) if r.get("run") == "maml"]
+        losses = [r["meta_loss"] for r in metric_rows(work) if r.get("run") == "maml"]
+        return losses, json.loads((work / "run.json").read_text())["task_map"]
 
     resolved = "map" if jax.default_backend() == "cpu" else "vmap"
-    assert losses("auto") == losses(resolved)
-    assert main(["train", "sinusoid", "--config.task_map=pmap"]) == 2
+    auto_losses, recorded = run("auto")
+    assert set(used) == {resolved} and recorded == resolved
+    assert auto_losses == run(resolved)[0]
+    assert main(["train", "sinusoid", "--workdir", str(tmp_path / "bad"), "--config.task_map=pmap"]) == 2
     assert "'vmap', 'map' or 'auto'" in capsys.readouterr().err

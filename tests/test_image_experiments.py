@@ -81,6 +81,10 @@ def test_tiny_variant_of_each_table1_config(name, data_root, tmp_path, monkeypat
     accuracy = results[label]["by_shots"][str(json.loads((workdir / "config.json").read_text())["shots"])]["accuracy"]
     assert set(accuracy) == {"0", "1"} and all(0.0 <= v[0] <= 1.0 for v in accuracy.values())
     assert "accuracy (%) after 1 step" in capsys.readouterr().out
+    # the task map follows the backend: lax.map on XLA:CPU, vmap on GPU/TPU (README, Speed)
+    assert json.loads((workdir / "config.json").read_text())["task_map"] == "auto"
+    resolved = "map" if jax.default_backend() == "cpu" else "vmap"
+    assert json.loads((workdir / "run.json").read_text())["task_map"] == resolved
 
 
 def test_eval_and_lake_runs_on_a_20_way_omniglot_run(data_root, tmp_path, monkeypatch, capsys):
