@@ -15,6 +15,12 @@ Second table (float32): the kernel gradient in other forms, against the library'
 transpose rule: contract the rows of both operands): the output gradient transposed first
 (kept so by ``lax.optimization_barrier``) and a plain matmul, and the row contraction split into
 B contiguous chunks (a batched matmul, then a sum over the chunks).
+
+Third table (float32, ``results/bench/tried_2026-12-05.md``): where the kernel gradient's time
+goes at the Omniglot layer-2 shapes (one task's 75 query images, and omniglot-20w1s's 100): the
+forward matmul, the kernel gradient, the patch matrix transposed alone, the kernel gradient as a
+plain matmul of an already transposed patch matrix, a copy of the patch matrix for scale, and
+``speed_variants.two_step_transpose``. Run it also under ``taskset -c 0`` for one core.
 """
 
 from __future__ import annotations
@@ -84,6 +90,25 @@ def main() -> None:
         g = jax.random.normal(jax.random.PRNGKey(1), (rows, n))
         cells = [f"{label} {median_call_ms(jax.jit(fn), a, g):6.1f} ms" for label, fn in KERNEL_GRAD_FORMS.items()]
         print(f"{name}: " + ", ".join(cells))
+
+    print("where the kernel gradient's time goes, float32 (median of 41 calls):")
+    from speed_variants import two_step_transpose  # a sibling script: experiments/ is sys.path[0] when run
+
+    for rows in (75 * 7 * 7, 100 * 7 * 7):
+        a = jax.random.normal(jax.random.PRNGKey(0), (rows, 9 * 64))
+        k = jax.random.normal(jax.random.PRNGKey(1), (9 * 64, 64))
+        g = jax.random.normal(jax.random.PRNGKey(2), (rows, 64))
+        a_t = jnp.asarray(a.T)
+        timed = {
+            "forward a @ k": (jax.jit(lambda a, k: a @ k), (a, k)),
+            "kernel gradient (rows contracted)": (jax.jit(KERNEL_GRAD_FORMS["library (rows contracted)"]), (a, g)),
+            "a.T alone": (jax.jit(jnp.transpose), (a,)),
+            "a.T @ g, a.T given": (jax.jit(lambda a_t, g: a_t @ g), (a_t, g)),
+            "copy a + 1": (jax.jit(lambda a: a + 1.0), (a,)),
+            "two-step transpose": (jax.jit(two_step_transpose), (a,)),
+        }
+        cells = [f"{label} {median_call_ms(fn, *args, calls=41):6.2f} ms" for label, (fn, args) in timed.items()]
+        print(f"omniglot layer 2, {rows} rows: " + ", ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

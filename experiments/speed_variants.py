@@ -1,4 +1,4 @@
-"""A/B the speed ideas in ``experiments/results/bench/tried_2026-11-2{3,4}.md`` that were not kept.
+"""A/B the speed ideas in ``experiments/results/bench/tried_2026-1*.md`` that were not kept.
 
     python experiments/speed_variants.py VARIANT WORKLOAD [--iters N] [--conv-impl lax] [--cpu-devices N]
 
@@ -36,6 +36,13 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   one per parameter leaf: fewer, larger update kernels).
 * ``cfconv``: each convolution's patch matrix built transposed (from the input in
   ``[C, n, H, W]``), so that the kernel gradient is a matmul form XLA:CPU gives to YNNPACK.
+* ``tjvppatch``, ``tjvpinput``: the patch convolution as ``transposed_kgrad_conv``, a custom JVP
+  whose kernel gradient is ``P_T @ g`` with the transposed patch matrix built by
+  ``two_step_transpose`` of the patch matrix (``tjvppatch``) or from the input in ``[C, n, H, W]``
+  (``tjvpinput``), instead of JAX's contraction of the patch rows (an XLA:CPU transpose and a
+  matmul; ``results/bench/tried_2026-12-05.md``). Forward mode kept.
+* ``slicepool``: 2x2 max-pool windows as four strided slices stacked last instead of a
+  reshape and transpose (the same values, gradients and tie-breaking).
 * ``bf16model``: the whole conv4 in bfloat16 through the library's own
   ``precision.mixed_precision`` (``--config.compute_dtype=bfloat16``).
 * ``bf16dot``: only the convolutions' patch matmuls in bfloat16 (inputs and output; BatchNorm,
@@ -60,6 +67,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.custom_derivatives import SymbolicZero
 
 from maml_jax import bench
 from maml_jax.host import request_cpu_devices
@@ -137,11 +145,9 @@ def bf16_matmul_conv(x, k, stride, impl):
     return bf16_matmul(rows, cols).reshape(*patches.shape[:3], -1)
 
 
-def channels_first_conv(x, k, stride, impl):
-    """``conv4.conv3x3`` with the patch matrix built transposed, ``[9·C, n·H'·W']`` from the
-    input in ``[C, n, H, W]``, and the output as ``k^T [F, 9·C] @ patches^T``: the kernel
-    gradient then contracts the patch matrix's last axis (XLA's ``nt`` form) instead of its
-    first (``tn``, which XLA:CPU does not give to YNNPACK). NHWC in and out."""
+def patches_transposed(x, stride):
+    """``[9·C, n·H'·W']``: ``conv4.patches3x3`` of ``x [n, H, W, C]`` transposed, built from the
+    input in ``[C, n, H, W]`` (row ``(3i + j)·C + c``)."""
     n, h, w, c = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     xp = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -152,8 +158,73 @@ def channels_first_conv(x, k, stride, impl):
         for i in range(3)
         for j in range(3)
     ]
-    patches_t = jnp.stack(views, 0).reshape(9 * c, n * ho * wo)  # row (3i + j)·C + c
-    return (k.reshape(9 * c, -1).T @ patches_t).reshape(-1, n, ho, wo).transpose(1, 2, 3, 0)
+    return jnp.stack(views, 0).reshape(9 * c, n * ho * wo)
+
+
+def channels_first_conv(x, k, stride, impl):
+    """``conv4.conv3x3`` with the patch matrix built transposed (``patches_transposed``) and the
+    output as ``k^T [F, 9·C] @ patches^T``: the kernel
+    gradient then contracts the patch matrix's last axis (XLA's ``nt`` form) instead of its
+    first (``tn``, which XLA:CPU does not give to YNNPACK). NHWC in and out."""
+    n, h, w, _ = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    patches_t = patches_transposed(x, stride)
+    return (k.reshape(patches_t.shape[0], -1).T @ patches_t).reshape(-1, n, ho, wo).transpose(1, 2, 3, 0)
+
+
+def two_step_transpose(a):
+    """``a [R, K] → [K, R]`` as two transposes kept apart by ``lax.optimization_barrier``: first
+    within blocks of ``r2`` rows (``[R/r2, K, r2]``), then of the blocks (a plain ``a.T`` when no
+    block size in the list divides ``R``)."""
+    rows, cols = a.shape
+    r2 = next((d for d in (196, 147, 100, 75, 64, 49, 32, 16) if rows % d == 0 and rows > d), None)
+    if r2 is None:
+        return a.T
+    blocks = jax.lax.optimization_barrier(a.reshape(rows // r2, r2, cols).transpose(0, 2, 1))
+    return blocks.transpose(1, 0, 2).reshape(cols, rows)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def transposed_kgrad_conv(x, k, stride, build):
+    """``conv4.conv3x3`` (patches) whose tangent in the kernel is ``dot_general(P_T, dk)``
+    contracting ``P_T``'s first axis, ``P_T [9·C, n·H'·W']`` the transposed patch matrix; JAX's
+    transpose of it, the kernel gradient, is then ``P_T @ g`` (a matmul whose long operand is
+    contracted on its last axis) instead of contracting the rows of ``P``. ``build``: ``"patches"``
+    (``two_step_transpose`` of the patch matrix) or ``"input"`` (``patches_transposed``). A
+    ``custom_jvp``, so forward mode (iMAML) still works."""
+    p = conv4.patches3x3(x, stride)  # conv4.conv3x3's patch form; that name is what the variant patches
+    return (p.reshape(-1, p.shape[-1]) @ k.reshape(p.shape[-1], -1)).reshape(*p.shape[:3], -1)
+
+
+def _transposed_kgrad_conv_jvp(stride, build, primals, tangents):
+    x, k = primals
+    dx, dk = tangents
+    y = transposed_kgrad_conv(x, k, stride, build)
+    terms = []
+    if type(dx) is not SymbolicZero:
+        terms.append(transposed_kgrad_conv(dx, k, stride, build))
+    if type(dk) is not SymbolicZero:
+        if build == "patches":
+            p = conv4.patches3x3(x, stride)
+            p_t = two_step_transpose(p.reshape(-1, p.shape[-1]))
+        else:
+            p_t = patches_transposed(x, stride)
+        t = jax.lax.dot_general(p_t, dk.reshape(p_t.shape[0], -1), (((0,), (0,)), ((), ())))
+        terms.append(t.reshape(y.shape))
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+transposed_kgrad_conv.defjvp(_transposed_kgrad_conv_jvp, symbolic_zeros=True)
+
+
+def slice_window_max_pool(x):
+    """``conv4.max_pool2x2`` with the 2x2 windows gathered as the four strided views
+    ``x[:, di::2, dj::2]`` stacked last, in the library's order ``2·di + dj`` (so argmax ties break
+    alike), instead of a reshape and a 6-axis transpose."""
+    x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+    x = jnp.stack([x[:, di::2, dj::2] for di in (0, 1) for dj in (0, 1)], axis=-1)
+    mask = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(x), axis=-1), 4, dtype=x.dtype)
+    return jnp.sum(x * mask, axis=-1)
 
 
 def _pairwise_max_pool(x):
@@ -257,6 +328,11 @@ def patch(variant: str) -> None:
         conv4.conv3x3 = functools.partial(bf16_conv, conv4.conv3x3)
     elif variant == "cfconv":
         conv4.conv3x3 = channels_first_conv
+    elif variant in ("tjvppatch", "tjvpinput"):
+        build = "patches" if variant == "tjvppatch" else "input"
+        conv4.conv3x3 = lambda x, k, stride, impl: transposed_kgrad_conv(x, k, stride, build)
+    elif variant == "slicepool":
+        conv4.max_pool2x2 = slice_window_max_pool
     elif variant == "bf16vjp":
         conv4.conv3x3 = bf16_matmul_conv
     elif variant == "flatadam":

@@ -158,3 +158,51 @@ def test_conv_grad_script_prints_one_row_per_form(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["form"] for r in rows] == list(conv_grad_under_map.forms())
     assert all(r["unrolled_ms"] > 0 and r["map_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("build", ["patches", "input"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_transposed_kgrad_conv_matches_the_patch_convolution_in_both_modes(x64, stride, build):
+    kx, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (2, 7, 7, 3))
+    k = jax.random.normal(kk, (3, 3, 3, 4))
+    v = jax.random.normal(kv, k.shape)
+
+    def loss(conv):  # two layers, so that the rule's input tangent is exercised too
+        def f(k_):
+            h = jnp.tanh(conv(x, k_))
+            return jnp.sum(jnp.tanh(conv(h[..., :3], k_)) ** 2)
+
+        return f
+
+    custom = loss(lambda x_, k_: speed_variants.transposed_kgrad_conv(x_, k_, stride, build))
+    patches = loss(lambda x_, k_: conv3x3(x_, k_, stride, "patches"))
+    np.testing.assert_allclose(custom(k), patches(k), rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(patches)(k), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hvp(custom, v)(k), hvp(patches, v)(k), rtol=1e-9, atol=1e-10)
+    forward_over_reverse = [jax.jvp(jax.grad(f), (k,), (v,))[1] for f in (custom, patches)]
+    np.testing.assert_allclose(*forward_over_reverse, rtol=1e-9, atol=1e-10)
+
+
+def test_two_step_transpose_is_the_transpose():
+    for rows in (3675, 4900, 7):
+        a = jnp.arange(rows * 6, dtype=jnp.float32).reshape(rows, 6)
+        np.testing.assert_array_equal(jax.jit(speed_variants.two_step_transpose)(a), a.T)
+
+
+def test_slice_window_max_pool_is_the_library_pool_to_second_order(x64):
+    from maml_jax.models.conv4 import max_pool2x2
+
+    x = jnp.round(jax.random.normal(jax.random.PRNGKey(0), (2, 7, 6, 3)), 1)  # rounded: ties in windows
+
+    def loss(pool):
+        return lambda x_: jnp.sum(jnp.tanh(pool(x_ * x_)) ** 3)
+
+    np.testing.assert_array_equal(speed_variants.slice_window_max_pool(x), max_pool2x2(x))
+    np.testing.assert_array_equal(
+        jax.grad(loss(speed_variants.slice_window_max_pool))(x), jax.grad(loss(max_pool2x2))(x)
+    )
+    small = x[:1, :4, :4, :2]
+    np.testing.assert_array_equal(
+        jax.hessian(loss(speed_variants.slice_window_max_pool))(small), jax.hessian(loss(max_pool2x2))(small)
+    )
