@@ -20,7 +20,9 @@ Third table (float32, ``results/bench/tried_2026-12-05.md``): where the kernel g
 goes at the Omniglot layer-2 shapes (one task's 75 query images, and omniglot-20w1s's 100): the
 forward matmul, the kernel gradient, the patch matrix transposed alone, the kernel gradient as a
 plain matmul of an already transposed patch matrix, a copy of the patch matrix for scale, and
-``speed_variants.two_step_transpose``. Run it also under ``taskset -c 0`` for one core.
+``speed_variants.two_step_transpose``, and the kernel gradient as one BLAS ``gemm`` that reads the
+patch matrix in place (``blas_kgrad.gemm_tn``, SciPy's OpenBLAS on one thread unless
+``OPENBLAS_NUM_THREADS`` says otherwise). Run it also under ``taskset -c 0`` for one core.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def main() -> None:
         print(f"{name}: " + ", ".join(cells))
 
     print("where the kernel gradient's time goes, float32 (median of 41 calls):")
-    from speed_variants import two_step_transpose  # a sibling script: experiments/ is sys.path[0] when run
+    from blas_kgrad import gemm_tn  # sibling scripts: experiments/ is sys.path[0] when run
+    from speed_variants import two_step_transpose
 
     for rows in (75 * 7 * 7, 100 * 7 * 7):
         a = jax.random.normal(jax.random.PRNGKey(0), (rows, 9 * 64))
@@ -106,6 +109,7 @@ def main() -> None:
             "a.T @ g, a.T given": (jax.jit(lambda a_t, g: a_t @ g), (a_t, g)),
             "copy a + 1": (jax.jit(lambda a: a + 1.0), (a,)),
             "two-step transpose": (jax.jit(two_step_transpose), (a,)),
+            "kernel gradient by BLAS gemm, a read in place": (jax.jit(gemm_tn), (a, g)),
         }
         cells = [f"{label} {median_call_ms(fn, *args, calls=41):6.2f} ms" for label, (fn, args) in timed.items()]
         print(f"omniglot layer 2, {rows} rows: " + ", ".join(cells), flush=True)

@@ -41,6 +41,10 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   ``two_step_transpose`` of the patch matrix (``tjvppatch``) or from the input in ``[C, n, H, W]``
   (``tjvpinput``), instead of JAX's contraction of the patch rows (an XLA:CPU transpose and a
   matmul; ``results/bench/tried_2026-12-05.md``). Forward mode kept.
+* ``blaskgrad``: the patch convolution as ``blas_kgrad.blas_kgrad_conv``, whose kernel gradient
+  ``Pᵀ g`` is a BLAS ``gemm`` (SciPy's OpenBLAS, one thread) reading the patch matrix in place
+  through an XLA FFI call, instead of XLA:CPU's transpose and matmul. A ``custom_vjp``: no
+  forward mode (iMAML).
 * ``slicepool``: 2x2 max-pool windows as four strided slices stacked last instead of a
   reshape and transpose (the same values, gradients and tie-breaking).
 * ``bf16model``: the whole conv4 in bfloat16 through the library's own
@@ -60,8 +64,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.util
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -217,6 +223,15 @@ def _transposed_kgrad_conv_jvp(stride, build, primals, tangents):
 transposed_kgrad_conv.defjvp(_transposed_kgrad_conv_jvp, symbolic_zeros=True)
 
 
+def load_blas_kgrad() -> types.ModuleType:
+    """``experiments/blas_kgrad.py`` (registers its FFI target on import, so load it only for
+    ``blaskgrad``)."""
+    spec = importlib.util.spec_from_file_location("blas_kgrad", Path(__file__).with_name("blas_kgrad.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def slice_window_max_pool(x):
     """``conv4.max_pool2x2`` with the 2x2 windows gathered as the four strided views
     ``x[:, di::2, dj::2]`` stacked last, in the library's order ``2·di + dj`` (so argmax ties break
@@ -333,6 +348,8 @@ def patch(variant: str) -> None:
         conv4.conv3x3 = lambda x, k, stride, impl: transposed_kgrad_conv(x, k, stride, build)
     elif variant == "slicepool":
         conv4.max_pool2x2 = slice_window_max_pool
+    elif variant == "blaskgrad":
+        conv4.conv3x3 = load_blas_kgrad().blas_kgrad_conv
     elif variant == "bf16vjp":
         conv4.conv3x3 = bf16_matmul_conv
     elif variant == "flatadam":

@@ -17,12 +17,31 @@ from maml_jax.models.conv4 import conv3x3
 speed_variants = load("speed_variants")
 conv_grad_under_map = load("conv_grad_under_map")
 matmul_forms = load("matmul_forms")
+blas_kgrad = load("blas_kgrad")  # once: importing it registers an XLA FFI target
 
 
 def hvp(f, v):
     """``k -> ∇(∇f(k) · v)``: the Hessian-vector product of scalar ``f`` with ``v`` (second
     order through each rule of a convolution variant)."""
     return jax.grad(lambda k: jnp.sum(jax.grad(f)(k) * v))
+
+
+def conv_problem():
+    """``x [2, 7, 7, 3]``, a kernel ``[3, 3, 3, 4]`` and a direction ``v`` like it, float64 under ``x64``."""
+    kx, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    k = jax.random.normal(kk, (3, 3, 3, 4))
+    return jax.random.normal(kx, (2, 7, 7, 3)), k, jax.random.normal(kv, k.shape)
+
+
+def two_layer_loss(conv, x):
+    """``k -> Σ tanh(conv(tanh(conv(x, k))[..., :3], k))²``: two layers, so that a convolution
+    variant's input-gradient rule is exercised too."""
+
+    def f(k):
+        h = jnp.tanh(conv(x, k))
+        return jnp.sum(jnp.tanh(conv(h[..., :3], k)) ** 2)
+
+    return f
 
 
 def test_vjp_conv_matches_the_patch_convolution_to_second_order(x64):
@@ -42,10 +61,7 @@ def test_vjp_conv_matches_the_patch_convolution_to_second_order(x64):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channels_first_conv_matches_the_patch_convolution_to_second_order(x64, stride):
-    kx, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (2, 7, 7, 3))
-    k = jax.random.normal(kk, (3, 3, 3, 4))
-    v = jax.random.normal(kv, k.shape)
+    x, k, v = conv_problem()
 
     def loss(conv):
         return lambda k_: jnp.sum(jnp.tanh(conv(x, k_, stride, "patches")) ** 2)
@@ -163,20 +179,10 @@ def test_conv_grad_script_prints_one_row_per_form(capsys):
 @pytest.mark.parametrize("build", ["patches", "input"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_transposed_kgrad_conv_matches_the_patch_convolution_in_both_modes(x64, stride, build):
-    kx, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (2, 7, 7, 3))
-    k = jax.random.normal(kk, (3, 3, 3, 4))
-    v = jax.random.normal(kv, k.shape)
+    x, k, v = conv_problem()
 
-    def loss(conv):  # two layers, so that the rule's input tangent is exercised too
-        def f(k_):
-            h = jnp.tanh(conv(x, k_))
-            return jnp.sum(jnp.tanh(conv(h[..., :3], k_)) ** 2)
-
-        return f
-
-    custom = loss(lambda x_, k_: speed_variants.transposed_kgrad_conv(x_, k_, stride, build))
-    patches = loss(lambda x_, k_: conv3x3(x_, k_, stride, "patches"))
+    custom = two_layer_loss(lambda x_, k_: speed_variants.transposed_kgrad_conv(x_, k_, stride, build), x)
+    patches = two_layer_loss(lambda x_, k_: conv3x3(x_, k_, stride, "patches"), x)
     np.testing.assert_allclose(custom(k), patches(k), rtol=1e-12)
     np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(patches)(k), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hvp(custom, v)(k), hvp(patches, v)(k), rtol=1e-9, atol=1e-10)
@@ -206,3 +212,31 @@ def test_slice_window_max_pool_is_the_library_pool_to_second_order(x64):
     np.testing.assert_array_equal(
         jax.hessian(loss(speed_variants.slice_window_max_pool))(small), jax.hessian(loss(max_pool2x2))(small)
     )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_blas_kgrad_conv_matches_the_patch_convolution_to_second_order(x64, stride):
+    x, k, v = conv_problem()
+
+    blas = two_layer_loss(lambda x_, k_: blas_kgrad.blas_kgrad_conv(x_, k_, stride), x)
+    patches = two_layer_loss(lambda x_, k_: conv3x3(x_, k_, stride, "patches"), x)
+    np.testing.assert_allclose(blas(k), patches(k), rtol=1e-12)
+    for transform in (lambda f: f, jax.jit):
+        np.testing.assert_allclose(transform(jax.grad(blas))(k), jax.grad(patches)(k), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(transform(hvp(blas, v))(k), hvp(patches, v)(k), rtol=1e-9, atol=1e-10)
+
+
+def test_blas_gemm_tn_is_the_transposed_product_batched_and_in_float32():
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal((3, 37, 5)).astype(np.float32)
+    g = rng.standard_normal((3, 37, 4)).astype(np.float32)
+    expected = np.swapaxes(p, 1, 2).astype(np.float64) @ g
+    out = jax.jit(jax.vmap(blas_kgrad.gemm_tn))(p, g)
+    assert out.dtype == jnp.float32
+    chex.assert_shape(out, (3, 5, 4))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # one operand batched: vmap broadcasts the other
+    one_batched = jax.vmap(blas_kgrad.gemm_tn, (0, None))(p, g[0])
+    np.testing.assert_allclose(one_batched, np.swapaxes(p, 1, 2) @ g[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float32 or two float64"):
+        blas_kgrad.gemm_tn(p.astype(np.float16), g.astype(np.float16))
