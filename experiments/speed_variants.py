@@ -45,6 +45,10 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   ``Pᵀ g`` is a BLAS ``gemm`` (SciPy's OpenBLAS, one thread) reading the patch matrix in place
   through an XLA FFI call, instead of XLA:CPU's transpose and matmul. A ``custom_vjp``: no
   forward mode (iMAML).
+* ``stackmean``: ``batched_meta_grad`` with ``task_map="map"`` as the library had it before
+  ``core.mean_over_tasks``: ``lax.map`` stacks every task's gradient ``[tasks, ...]``, then
+  ``jnp.mean(axis=0)`` (a reduction XLA:CPU gives to YNNPACK), instead of a running sum in the
+  loop.
 * ``slicepool``: 2x2 max-pool windows as four strided slices stacked last instead of a
   reshape and transpose (the same values, gradients and tie-breaking).
 * ``bf16model``: the whole conv4 in bfloat16 through the library's own
@@ -301,9 +305,14 @@ def unrolled_map_tasks(plain: Callable, n: int) -> Callable:
 
 
 def _replace_task_map(make: Callable[[Callable], Callable]) -> None:
-    """Swap the library's ``map_tasks`` (in ``core`` and ``algorithms.base``) for ``make(current)``."""
+    """Swap the library's ``map_tasks`` (in ``core`` and ``algorithms.base``) for ``make(current)``,
+    and ``batched_meta_grad``'s ``mean_over_tasks`` for the mean of its stacked outputs (what the
+    library did when these variants were timed)."""
     core, base = importlib.import_module("maml_jax.core"), importlib.import_module("maml_jax.algorithms.base")
     core.map_tasks = base.map_tasks = make(core.map_tasks)
+    base.mean_over_tasks = lambda fn, tasks, task_map="vmap": jax.tree.map(
+        lambda a: jnp.mean(a, axis=0), base.map_tasks(fn, tasks, task_map)
+    )
 
 
 def patch(variant: str) -> None:
@@ -348,6 +357,8 @@ def patch(variant: str) -> None:
         conv4.conv3x3 = lambda x, k, stride, impl: transposed_kgrad_conv(x, k, stride, build)
     elif variant == "slicepool":
         conv4.max_pool2x2 = slice_window_max_pool
+    elif variant == "stackmean":
+        _replace_task_map(lambda plain: plain)
     elif variant == "blaskgrad":
         conv4.conv3x3 = load_blas_kgrad().blas_kgrad_conv
     elif variant == "bf16vjp":

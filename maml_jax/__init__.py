@@ -1,6 +1,6 @@
 """maml_jax: gradient-based meta-learning (MAML and its family) as pure JAX functions."""
 
-from maml_jax.core import batched_meta_loss, inner_adapt, map_tasks, meta_loss
+from maml_jax.core import batched_meta_loss, inner_adapt, map_tasks, mean_over_tasks, meta_loss
 from maml_jax.evaluate import adaptation_curve, mean_ci95
 from maml_jax.inner_updates import sgd
 from maml_jax.losses import cross_entropy_loss, mse_loss
@@ -27,6 +27,7 @@ __all__ = [
     "make_train_step",
     "map_tasks",
     "mean_ci95",
+    "mean_over_tasks",
     "meta_loss",
     "mlp",
     "mse_loss",

@@ -181,6 +181,33 @@ def map_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = "vmap"
     raise HyperparameterError(f"task_map must be 'vmap' or 'map', got {task_map!r}")
 
 
+def mean_over_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = "vmap") -> Any:
+    """``1/T Σ_i fn(task_i)`` over a batch ``[T, ...]``, leaf by leaf (integer leaves averaged
+    as floats, like ``jnp.mean``).
+
+    ``vmap``: ``jnp.mean`` over the task axis of ``map_tasks(fn, tasks, "vmap")``. ``map``: a
+    ``lax.scan`` that adds each task's output to a running sum, one task after another, then
+    divides by ``T``, so no ``[T, ...]`` stack of the outputs (e.g. per-task gradients) is kept.
+    On XLA:CPU this is also faster than ``lax.map`` followed by ``jnp.mean(axis=0)``: that
+    reduction over the task axis goes to YNNPACK, which took about a tenth of the omniglot-5w1s
+    step (README, Speed). The sum runs in task order, so its rounding differs from ``jnp.mean``'s.
+    """
+    if task_map == "vmap":
+        return jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(fn)(tasks))
+    if task_map != "map":
+        raise HyperparameterError(f"task_map must be 'vmap' or 'map', got {task_map!r}")
+    count = jax.tree.leaves(tasks)[0].shape[0]
+    out = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], tasks))
+    mean_dtype = lambda s: jax.eval_shape(lambda: jnp.mean(jnp.zeros((1,), s.dtype))).dtype  # noqa: E731
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, mean_dtype(s)), out)
+
+    def add(total, task):
+        return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, fn(task)), None
+
+    total, _ = jax.lax.scan(add, zeros, tasks)
+    return jax.tree.map(lambda t: t / count, total)
+
+
 def batched_meta_loss(
     meta_params: Params,
     tasks: Task,

@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from maml_jax import batched_meta_loss, init_train_state, make_train_step, meta_loss, mlp, mse_loss
+from maml_jax import batched_meta_loss, init_train_state, make_train_step, mean_over_tasks, meta_loss, mlp, mse_loss
 from maml_jax.data import sinusoid
+from maml_jax.validation import HyperparameterError
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,20 @@ def test_auto_task_map_is_map_on_the_cpu_and_vmap_on_accelerators():
     assert [resolve_task_map(m, "gpu") for m in ("vmap", "map")] == ["vmap", "map"]  # explicit choices kept
     with pytest.raises(HyperparameterError, match="'vmap', 'map' or 'auto'"):
         resolve_task_map("pmap")
+
+
+def test_mean_over_tasks_is_the_task_mean_of_a_loop_in_both_maps(x64):
+    tasks = {"x": jax.random.normal(jax.random.PRNGKey(3), (5, 4, 3)), "n": jnp.arange(5)}
+
+    def fn(task):  # a pytree of float and integer leaves, one scalar
+        return {"g": jnp.sin(task["x"]) * task["n"], "s": jnp.sum(task["x"] ** 2), "count": task["n"] * 2}
+
+    outs = [fn(task_slice(tasks, i)) for i in range(5)]
+    want = jax.tree.map(lambda *leaves: np.mean(np.stack(leaves), axis=0), *outs)
+    for task_map in ("map", "vmap"):
+        got = jax.jit(mean_over_tasks, static_argnums=(0, 2))(fn, tasks, task_map)
+        chex.assert_trees_all_close(got, want, rtol=1e-13, atol=0)
+        assert jnp.issubdtype(got["count"].dtype, jnp.floating)  # integers averaged as floats
+        np.testing.assert_allclose(got["count"], 4.0)
+    with pytest.raises(HyperparameterError, match="task_map"):
+        mean_over_tasks(fn, tasks, "pmap")

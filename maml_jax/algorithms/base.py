@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from maml_jax.core import TaskMap, map_tasks
+from maml_jax.core import TaskMap, map_tasks, mean_over_tasks
 from maml_jax.types import Metrics, Params, Task
 from maml_jax.validation import check_task
 
@@ -54,8 +54,9 @@ def batched_meta_grad(
     """Task means of ``algorithm.meta_grad`` over ``tasks`` ``[tasks, n, *features]``:
     ``((mean loss, mean metrics), mean grads)``.
 
-    ``task_map="map"`` takes each task's gradient inside the map (one task's activations
-    live at a time). ``task_map="vmap"`` with an ``algorithm.meta_loss`` differentiates the
+    ``task_map="map"`` takes each task's gradient inside a loop over the tasks and adds it to
+    a running sum (``core.mean_over_tasks``: one task's activations and gradient live at a
+    time). ``task_map="vmap"`` with an ``algorithm.meta_loss`` differentiates the
     vmapped mean loss instead: ∇(1/T Σ_i L_i) = 1/T Σ_i ∇L_i, the same gradient, but the
     terms of θ that every task shares (the first inner step's forward pass from θ) reach θ
     as one contraction over the whole batch, ``[T·n, a]ᵀ[T·n, b]``, not T per-task ones
@@ -69,8 +70,7 @@ def batched_meta_grad(
             return jnp.mean(losses), mean(metrics)
 
         return jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
-    (losses, metrics), grads = map_tasks(lambda t: algorithm.meta_grad(meta_params, t, step), tasks, task_map)
-    return (jnp.mean(losses), mean(metrics)), mean(grads)
+    return mean_over_tasks(lambda t: algorithm.meta_grad(meta_params, t, step), tasks, task_map)
 
 
 def batched_evaluate(
