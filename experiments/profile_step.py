@@ -1,7 +1,7 @@
 """Where a meta-step's time goes on this backend: trace a few train steps of a benchmark
 workload and sum the XLA ops' time by kind.
 
-    python experiments/profile_step.py --workload miniimagenet-5w1s [--steps 2] [--json]
+    python experiments/profile_step.py --workload miniimagenet-5w1s [--steps 2] [--json] [--by-instruction]
 
 It traces at least ``--steps`` train steps (the step that ``python -m maml_jax.bench`` times:
 second-order MAML, per-task meta-gradients, Adam) with ``jax.profiler``, reads the trace back
@@ -13,6 +13,13 @@ and sliced views of the patch-matmul convolutions), ``layout`` (transposes, copi
 dynamic slices/updates of the task map), ``elementwise`` (every other fusion: BatchNorm, ReLU
 and max-pool masks, their derivatives, Adam) and ``control``. The shares are what a speed-up
 has to attack; the absolute times depend on the machine's load.
+
+``--by-instruction`` lists single HLO instructions instead of kinds (``ynn_fusion.52``, not
+``ynn_fusion``), each with its output shape and the JAX ``op_name`` it came from (read from the
+compiled HLO), which says which layer and which derivative the time belongs to. That is how
+the slow task-axis mean of ``results/bench/tried_2026-12-05.md`` was found. In that reading, XLA's own
+``dot`` instructions took less time than their FLOPs allow, so their events may not cover all
+of their work; compare them with ``matmul_forms.py`` timings.
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ def op_group(kind: str) -> str:
     return "elementwise"
 
 
-def op_times(xplane: Path) -> dict[str, float]:
-    """Seconds per op kind in a ``.xplane.pb`` trace, summed over the XLA worker threads."""
+def op_times(xplane: Path, by_instruction: bool = False) -> dict[str, float]:
+    """Seconds per op kind (per instruction if ``by_instruction``) in a ``.xplane.pb`` trace,
+    summed over the XLA worker threads."""
     profile = jax.profiler.ProfileData.from_file(str(xplane))
     totals: dict[str, float] = collections.Counter()
     for plane in profile.planes:
@@ -57,17 +65,45 @@ def op_times(xplane: Path) -> dict[str, float]:
             for event in line.events:
                 if event.name.startswith(RUNTIME_EVENTS):
                     continue
-                totals[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns / 1e9
+                key = event.name if by_instruction else re.sub(r"\.\d+$", "", event.name)
+                totals[key] += event.duration_ns / 1e9
     return dict(totals)
 
 
-def profile(name: str, steps: int) -> dict[str, float]:
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w\-]+\((.*)$", re.M)
+OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """``{instruction name: (output shape, JAX op_name)}`` from compiled HLO text (the first
+    definition of each name; ``op_name`` is empty where the HLO has none)."""
+    info: dict[str, tuple[str, str]] = {}
+    for name, shape, rest in INSTRUCTION.findall(hlo_text):
+        op_name = OP_NAME.search(rest)
+        info.setdefault(name, (shape, op_name.group(1) if op_name else ""))
+    return info
+
+
+def instruction_table(times: dict[str, float], info: dict[str, tuple[str, str]], top: int = 15) -> str:
+    """Markdown: the ``top`` instructions by time with their shape and the end of their op_name."""
+    total = sum(times.values())
+    rows = ["| instruction | ms/step | share | shape | op_name (end) |", "| --- | --- | --- | --- | --- |"]
+    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        shape, op_name = info.get(name, ("?", ""))
+        rows.append(f"| {name} | {1e3 * t:.2f} | {100 * t / total:.1f}% | `{shape}` | {op_name[-80:]} |")
+    rows.append(f"| all instructions (summed over threads) | {1e3 * total:.1f} | 100% | | |")
+    return "\n".join(rows)
+
+
+def profile(name: str, steps: int, by_instruction: bool = False) -> dict[str, float] | tuple[dict[str, float], str]:
     """Seconds per step per op kind for benchmark workload ``name``: at least ``steps`` steps,
     in calls of the fused chunk that the benchmark times (``bench.DEFAULT_STEPS_PER_CALL``),
-    after two warm-up calls."""
+    after two warm-up calls. ``by_instruction``: per HLO instruction instead, returned with the
+    chunk's compiled HLO text."""
     per_call = bench.DEFAULT_STEPS_PER_CALL[bench.WORKLOADS[name]["kind"]]
     calls = -(-steps // per_call)
     chunk, state, _, _ = bench.build_chunk(name, bench.default_task_map(name), per_call)
+    hlo = chunk.lower(state, None).compile().as_text() if by_instruction else ""
     for _ in range(2):
         state, _ = chunk(state, None)
     jax.block_until_ready(state)
@@ -77,8 +113,9 @@ def profile(name: str, steps: int) -> dict[str, float]:
                 state, _ = chunk(state, None)
             jax.block_until_ready(state)
         (xplane,) = Path(trace_dir).rglob("*.xplane.pb")
-        times = op_times(xplane)
-    return {k: v / (calls * per_call) for k, v in times.items()}
+        times = op_times(xplane, by_instruction)
+    per_step = {k: v / (calls * per_call) for k, v in times.items()}
+    return (per_step, hlo) if by_instruction else per_step
 
 
 def table(times: dict[str, float], top: int = 15) -> str:
@@ -103,9 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="traced train steps, rounded up to whole fused calls")
     ap.add_argument("--top", type=int, default=15, help="op kinds listed before the group totals")
     ap.add_argument("--json", action="store_true", help="one JSON line {op kind: s/step} instead of tables")
+    ap.add_argument(
+        "--by-instruction", action="store_true", help="single HLO instructions with shape and op_name, not kinds"
+    )
     a = ap.parse_args(argv)
     if a.steps < 1:
         ap.error("--steps must be at least 1")
+    if a.by_instruction:
+        times, hlo = profile(a.workload, a.steps, by_instruction=True)
+        info = instruction_info(hlo)
+        if a.json:
+            rows = {
+                k: {"s_per_step": t, "shape": info.get(k, ("?", ""))[0], "op_name": info.get(k, ("?", ""))[1]}
+                for k, t in times.items()
+            }
+            print(json.dumps({"workload": a.workload, "steps": a.steps, "instructions": rows}, sort_keys=True))
+        else:
+            print(f"{a.workload}: at least {a.steps} step(s) traced on {jax.default_backend()}, by instruction\n")
+            print(instruction_table(times, info, a.top))
+        return 0
     times = profile(a.workload, a.steps)
     if a.json:
         print(json.dumps({"workload": a.workload, "steps": a.steps, "s_per_step": times}, sort_keys=True))

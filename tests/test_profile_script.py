@@ -39,3 +39,26 @@ def test_table_lists_the_top_kinds_and_group_totals():
     text = profile_step.table({"ynn_fusion": 0.03, "stack": 0.01}, top=1)
     assert "| ynn_fusion | matmul | 30.0 | 75.0% |" in text and "| stack |" not in text
     assert "| patches | 10.0 | 25.0% |" in text and "| all ops (summed over threads) | 40.0 | 100% |" in text
+
+
+def test_instruction_info_reads_shape_and_op_name_from_hlo_text():
+    hlo = """
+  %ynn_fusion.52 = f32[3675,576]{1,0} fusion(%a), kind=kCustom, metadata={op_name="jit(chunk)/conv_1/dot_general" id=4}
+  ROOT %tuple.3 = (f32[2]{0}, s32[]) tuple(%x, %y)
+  %dot.7 = f32[9,64]{1,0} dot(%p, %q), lhs_contracting_dims={0}
+"""
+    info = profile_step.instruction_info(hlo)
+    assert info["ynn_fusion.52"] == ("f32[3675,576]{1,0}", "jit(chunk)/conv_1/dot_general")
+    assert info["dot.7"] == ("f32[9,64]{1,0}", "")
+    text = profile_step.instruction_table({"ynn_fusion.52": 0.003, "dot.7": 0.001}, info, top=1)
+    assert "| ynn_fusion.52 | 3.00 | 75.0% | `f32[3675,576]{1,0}` | jit(chunk)/conv_1/dot_general |" in text
+    assert "dot.7" not in text
+
+
+def test_traced_sinusoid_step_by_instruction_names_instructions_of_the_compiled_step(capsys):
+    assert profile_step.main(["--workload", "sinusoid", "--steps", "1", "--json", "--by-instruction"]) == 0
+    rows = json.loads(capsys.readouterr().out)["instructions"]
+    assert rows and all(r["s_per_step"] >= 0 for r in rows.values())
+    named = [k for k, r in rows.items() if r["shape"] != "?"]
+    assert len(named) >= len(rows) / 2  # most traced events are instructions of the compiled chunk
+    assert any("." in k for k in named)  # suffixes kept: single instructions, not kinds
