@@ -159,6 +159,10 @@ def gemm_tn(p: jax.Array, g: jax.Array) -> jax.Array:
     index (float32 or float64, CPU). Not differentiable: ``kgrad`` is."""
     if p.dtype != g.dtype or p.dtype not in (jnp.float32, jnp.float64):
         raise TypeError(f"gemm_tn needs two float32 or two float64 arrays, got {p.dtype} and {g.dtype}")
+    if p.ndim < 2 or p.shape[:-1] != g.shape[:-1]:
+        raise ValueError(
+            f"gemm_tn needs p [..., M, K] and g [..., M, F] with equal leading dims, got {p.shape} and {g.shape}"
+        )
     out = jax.ShapeDtypeStruct((*p.shape[:-2], p.shape[-1], g.shape[-1]), p.dtype)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(p, g)
 

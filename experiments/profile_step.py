@@ -70,17 +70,38 @@ def op_times(xplane: Path, by_instruction: bool = False) -> dict[str, float]:
     return dict(totals)
 
 
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w\-]+\((.*)$", re.M)
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", re.M)
 OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _split_shape(rest: str) -> tuple[str, str] | None:
+    """``("f32[2]{0}", "tuple(...)...")`` from the text after ``=``: a shape that is one token or
+    a (nested) parenthesised tuple of shapes, then an opcode and its ``(``; ``None`` otherwise."""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                shape, after = rest[: i + 1], rest[i + 1 :]
+                break
+        else:
+            return None
+    else:
+        shape, _, after = rest.partition(" ")
+        after = " " + after
+    return (shape, after) if re.match(r"^ [\w\-]+\(", after) else None
 
 
 def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
     """``{instruction name: (output shape, JAX op_name)}`` from compiled HLO text (the first
-    definition of each name; ``op_name`` is empty where the HLO has none)."""
+    definition of each name; tuple shapes kept whole; ``op_name`` empty where the HLO has none)."""
     info: dict[str, tuple[str, str]] = {}
-    for name, shape, rest in INSTRUCTION.findall(hlo_text):
-        op_name = OP_NAME.search(rest)
-        info.setdefault(name, (shape, op_name.group(1) if op_name else ""))
+    for name, rest in INSTRUCTION.findall(hlo_text):
+        split = _split_shape(rest)
+        if split is None:
+            continue
+        op_name = OP_NAME.search(split[1])
+        info.setdefault(name, (split[0], op_name.group(1) if op_name else ""))
     return info
 
 

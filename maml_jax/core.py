@@ -187,7 +187,8 @@ def mean_over_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = 
 
     ``vmap``: ``jnp.mean`` over the task axis of ``map_tasks(fn, tasks, "vmap")``. ``map``: a
     ``lax.scan`` that adds each task's output to a running sum, one task after another, then
-    divides by ``T``, so no ``[T, ...]`` stack of the outputs (e.g. per-task gradients) is kept.
+    divides by ``T`` (half-width floats summed in float32), so no ``[T, ...]`` stack of the
+    outputs (e.g. per-task gradients) is kept.
     On XLA:CPU this is also faster than ``lax.map`` followed by ``jnp.mean(axis=0)``: that
     reduction over the task axis goes to YNNPACK, which took about 5% of the omniglot-5w1s step
     (README, Speed). The sum runs in task order, so its rounding differs from ``jnp.mean``'s.
@@ -198,14 +199,16 @@ def mean_over_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = 
         raise HyperparameterError(f"task_map must be 'vmap' or 'map', got {task_map!r}")
     count = jax.tree.leaves(tasks)[0].shape[0]
     out = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], tasks))
-    mean_dtype = lambda s: jax.eval_shape(lambda: jnp.mean(jnp.zeros((1,), s.dtype))).dtype  # noqa: E731
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, mean_dtype(s)), out)
+    mean_dtypes = jax.tree.map(lambda s: jax.eval_shape(lambda: jnp.mean(jnp.zeros((1,), s.dtype))).dtype, out)
+    # Like jnp.mean, half-width floats (bf16, f16) are summed in float32 and cast back at the end.
+    sum_dtype = lambda d: jnp.float32 if jnp.dtype(d).itemsize < 4 else d  # noqa: E731
+    zeros = jax.tree.map(lambda s, d: jnp.zeros(s.shape, sum_dtype(d)), out, mean_dtypes)
 
     def add(total, task):
         return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, fn(task)), None
 
     total, _ = jax.lax.scan(add, zeros, tasks)
-    return jax.tree.map(lambda t: t / count, total)
+    return jax.tree.map(lambda t, d: (t / count).astype(d), total, mean_dtypes)
 
 
 def batched_meta_loss(

@@ -119,3 +119,13 @@ def test_mean_over_tasks_is_the_task_mean_of_a_loop_in_both_maps(x64):
         np.testing.assert_allclose(got["count"], 4.0)
     with pytest.raises(HyperparameterError, match="task_map"):
         mean_over_tasks(fn, tasks, "pmap")
+
+
+def test_mean_over_tasks_sums_bf16_in_float32():
+    # 300 tasks of bf16 ones: a bf16 running sum sticks at 256 (spacing 2 there), so its mean
+    # would be 256/300; like jnp.mean, the sum runs in float32 and the result is cast to bf16.
+    tasks = {"x": jnp.ones((300, 3), jnp.bfloat16)}
+    for task_map in ("map", "vmap"):
+        got = jax.jit(mean_over_tasks, static_argnums=(0, 2))(lambda t: t["x"] * 1, tasks, task_map)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.ones(3, np.float32))

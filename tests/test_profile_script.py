@@ -46,10 +46,13 @@ def test_instruction_info_reads_shape_and_op_name_from_hlo_text():
   %ynn_fusion.52 = f32[3675,576]{1,0} fusion(%a), kind=kCustom, metadata={op_name="jit(chunk)/conv_1/dot_general" id=4}
   ROOT %tuple.3 = (f32[2]{0}, s32[]) tuple(%x, %y)
   %dot.7 = f32[9,64]{1,0} dot(%p, %q), lhs_contracting_dims={0}
+  %fusion.9 = ((f32[4]{0}, s32[]), f32[]) fusion(%a, %b), kind=kLoop, metadata={op_name="jit(chunk)/scan"}
 """
     info = profile_step.instruction_info(hlo)
     assert info["ynn_fusion.52"] == ("f32[3675,576]{1,0}", "jit(chunk)/conv_1/dot_general")
     assert info["dot.7"] == ("f32[9,64]{1,0}", "")
+    assert info["tuple.3"] == ("(f32[2]{0}, s32[])", "")  # tuple shapes kept whole, not '?'
+    assert info["fusion.9"] == ("((f32[4]{0}, s32[]), f32[])", "jit(chunk)/scan")
     text = profile_step.instruction_table({"ynn_fusion.52": 0.003, "dot.7": 0.001}, info, top=1)
     assert "| ynn_fusion.52 | 3.00 | 75.0% | `f32[3675,576]{1,0}` | jit(chunk)/conv_1/dot_general |" in text
     assert "dot.7" not in text

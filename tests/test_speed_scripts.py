@@ -240,3 +240,5 @@ def test_blas_gemm_tn_is_the_transposed_product_batched_and_in_float32():
     np.testing.assert_allclose(one_batched, np.swapaxes(p, 1, 2) @ g[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="float32 or two float64"):
         blas_kgrad.gemm_tn(p.astype(np.float16), g.astype(np.float16))
+    with pytest.raises(ValueError, match="equal leading dims"):
+        blas_kgrad.gemm_tn(p[0], g[0, :36])  # M differs: 37 rows against 36
