@@ -21,6 +21,8 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
 * ``mapbN``: ``lax.map(..., batch_size=N)`` over tasks where the workload uses ``map``.
 * ``unrollN``: the task map as ``lax.scan(..., unroll=N)`` where the workload uses ``map``: N
   tasks per loop iteration, whose independent kernels XLA:CPU may run concurrently.
+  Both keep the stacked task mean of ``stackmean`` (they were timed before the running sum), so
+  compare them with ``stackmean``, not ``base``.
 * ``fixedbatch``: every step trains on one task batch drawn once, as ``torch_peers.py`` times
   its peers, instead of sampling a new batch on device (the sampler's share of the step); the
   same as the bench's ``--fixed-tasks``.

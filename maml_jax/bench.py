@@ -1,6 +1,6 @@
 """Meta-train step throughput: ``python -m maml_jax.bench --workload sinusoid``.
 
-Prints one JSON line per workload: ``{"workload", "it_per_s", "compile_s", ...}``. Shapes
+Prints one JSON line per workload: ``{"workload", "it_per_s", "compile_s", "lower_s", ...}``. Shapes
 match ``shared/bench/torch_peers.py`` exactly (second-order MAML, Adam outer update, random
 data, since timing does not depend on values). ``it_per_s`` is meta-steps per second. The timed
 program is the training path the library runs (``train.make_sampling_train_chunk``): one
@@ -359,7 +359,9 @@ def measure(
     )
     data = tasks if fixed_tasks else None
     t0 = time.perf_counter()
-    compiled = chunk.lower(state, data).compile()
+    lowered = chunk.lower(state, data)  # trace to a jaxpr, lower to StableHLO
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()  # XLA: HLO passes and code generation
     compile_s = time.perf_counter() - t0
     flops = step_flops(name, conv_impl, num_tasks)
     for _ in range(-(-warmup // steps_per_call)):
@@ -380,7 +382,8 @@ def measure(
         "it_per_s": statistics.median(rates),
         "it_per_s_min": min(rates),
         "it_per_s_max": max(rates),
-        "compile_s": compile_s,
+        "compile_s": compile_s,  # lower + XLA compile
+        "lower_s": lower_s,  # the tracing and lowering part of compile_s
         "flops_per_step": flops,
         "iters": per_window * windows * steps_per_call,
         "steps_per_call": steps_per_call,
