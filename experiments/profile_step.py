@@ -77,19 +77,18 @@ OP_NAME = re.compile(r'op_name="([^"]*)"')
 def _split_shape(rest: str) -> tuple[str, str] | None:
     """``("f32[2]{0}", "tuple(...)...")`` from the text after ``=``: a shape that is one token or
     a (nested) parenthesised tuple of shapes, then an opcode and its ``(``; ``None`` otherwise."""
-    if rest.startswith("("):
-        depth = 0
+    end = rest.find(" ")  # a one-token shape ends at the first space
+    if rest.startswith("("):  # a tuple ends where its first parenthesis closes
+        depth, end = 0, -1
         for i, ch in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(ch, 0)
+            depth += (ch == "(") - (ch == ")")
             if depth == 0:
-                shape, after = rest[: i + 1], rest[i + 1 :]
+                end = i + 1
                 break
-        else:
-            return None
-    else:
-        shape, _, after = rest.partition(" ")
-        after = " " + after
-    return (shape, after) if re.match(r"^ [\w\-]+\(", after) else None
+    if end < 0:
+        return None
+    shape, after = rest[:end], rest[end:]
+    return (shape, after) if re.match(r" [\w\-]+\(", after) else None
 
 
 def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
