@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
 from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
+from maml_jax.compile_cache import ENV_VAR as COMPILE_CACHE_ENV
+from maml_jax.compile_cache import CacheUse, enable_compile_cache
 from maml_jax.config import ConfigError, apply_overrides, list_configs, load_config
 from maml_jax.data.cache import DatasetError
 from maml_jax.host import init_distributed, limit_cpus, request_cpu_devices
@@ -87,7 +90,23 @@ def _train(args, overrides) -> int:
 
 
 def _run_command(args: argparse.Namespace, overrides: dict[str, str], parser: argparse.ArgumentParser) -> int:
-    """Run the parsed command (``main`` maps its errors, and ``Stopped``, to exit codes)."""
+    """Run the parsed command (``main`` maps its errors, and ``Stopped``, to exit codes); with
+    ``--compile-cache`` (train, eval), inside a persistent compilation cache, reported at the end."""
+    cache_dir = getattr(args, "compile_cache", None)
+    if not cache_dir:
+        return _run_uncached(args, overrides, parser)
+    try:
+        path = enable_compile_cache(cache_dir)
+    except (ValueError, RuntimeError) as err:
+        parser.error(f"--compile-cache: {err}")
+    with CacheUse(path) as use:
+        try:
+            return _run_uncached(args, overrides, parser)
+        finally:
+            print(use.summary(), file=sys.stderr)
+
+
+def _run_uncached(args: argparse.Namespace, overrides: dict[str, str], parser: argparse.ArgumentParser) -> int:
     if args.command == "list-configs":
         print("\n".join(list_configs()))
         return 0
@@ -190,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", default=None, help="dataset directory (default: the data_dir in the run's config.json)"
     )
     p_eval.add_argument("--num-tasks", type=int, default=None, help="meta-test tasks (default: the config's)")
+    for p in (p_train, p_eval):
+        p.add_argument(
+            "--compile-cache",
+            metavar="DIR",
+            default=os.environ.get(COMPILE_CACHE_ENV) or None,
+            help="keep compiled XLA programs in DIR and load them in later runs (a resume skips the compile; "
+            f"results are bitwise the same); env {COMPILE_CACHE_ENV}; default: none",
+        )
     p_eval.add_argument(
         "--inner-grad-clip",
         type=float,
