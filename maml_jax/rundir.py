@@ -24,6 +24,7 @@ import importlib
 import importlib.metadata
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def write_run_metadata(
     task_map: str | None = None,
 ) -> None:
     """``config.json``, and ``run.json`` plus one line of ``sessions.jsonl`` for this start:
-    seed, command, commit, versions, the visible devices and CPUs, ``task_devices``, the
+    seed, command, commit, versions, the visible devices and CPUs, ``XLA_FLAGS``, the compilation
+    cache directory (``None`` without one), ``task_devices``, the
     devices the task batch is split over (default the first device), and ``task_map``, the task
     map the config's resolves to on this backend (``"auto"`` → ``"map"`` or ``"vmap"``)."""
     workdir = Path(workdir)
@@ -96,6 +98,8 @@ def write_run_metadata(
         "task_map": task_map,
         "cpus": available_cpus(),  # the affinity mask (maml-jax train --cpus)
         "platform": platform.platform(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),  # e.g. an LLVM optimisation level, which may change the bits
+        "compile_cache": jax.config.jax_compilation_cache_dir,  # maml-jax train --compile-cache
     }
     write_json(workdir / "run.json", meta)
     with open(workdir / "sessions.jsonl", "a") as f:

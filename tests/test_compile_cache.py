@@ -1,5 +1,6 @@
 """``--compile-cache``: a second run loads its programs from the cache and trains bitwise the same."""
 
+import json
 import os
 import re
 import subprocess
@@ -61,6 +62,9 @@ def test_a_second_run_loads_the_cached_programs_and_trains_bitwise_the_same(tmp_
         pytest.skip("XLA:CPU refuses its own cache entries on this CPU (jax-ml/jax#38445)")
     assert int(loaded) == cold_requests and int(saved) == 0  # every program came from the cache
     # a loaded program is the program that was compiled: the same bits as without a cache
+    runs = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in ("plain", "cold", "warm")}
+    assert runs["plain"]["compile_cache"] is None
+    assert runs["cold"]["compile_cache"] == runs["warm"]["compile_cache"] == str(cache.resolve())
     chex.assert_trees_all_equal(_params(tmp_path / "plain"), _params(tmp_path / "cold"))
     chex.assert_trees_all_equal(_params(tmp_path / "plain"), _params(tmp_path / "warm"))
 
