@@ -15,7 +15,7 @@ stated) with ``num_inner_steps=K`` and reads XLA's ``compiled.memory_analysis()`
 Then times ``--time-iters`` calls after one warm-up call (seconds per meta-step). Variants:
 ``maml`` (plain backprop through the inner loop), ``remat`` (``jax.checkpoint`` around each
 inner step, policy ``nothing_saveable``), ``fomaml`` (first order), ``imaml`` (implicit
-gradient, 5 CG iterations), and ``maml-per-task`` / ``remat-per-task``: the same MAML
+gradient, 5 CG iterations), and ``maml-per-task`` / ``remat-per-task`` / ``fomaml-per-task``: the same
 meta-gradient taken per task inside the task map (``algorithms.batched_meta_grad``) instead of
 by differentiating through the map, so that only one task's activations are live at a time. Each K restarts from the
 same parameters and task batch. Numbers are per process on XLA:CPU; on GPU/TPU the same
@@ -39,7 +39,7 @@ from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import conv4
 from maml_jax.train import make_train_step_from_grads
 
-VARIANTS = ("maml", "remat", "fomaml", "imaml", "maml-per-task", "remat-per-task")
+VARIANTS = ("maml", "remat", "fomaml", "imaml", "maml-per-task", "remat-per-task", "fomaml-per-task")
 MIB = 2**20
 
 
@@ -57,8 +57,10 @@ def make_step(variant: str, num_inner_steps: int, task_map: str, conv_impl: str 
     if variant == "imaml":
         algorithm = imaml(loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"])
     else:  # the MAML meta-gradient taken per task inside the task map, not through it
-        remat = variant == "remat-per-task"
-        algorithm = maml(loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"], remat=remat)
+        remat, first_order = variant == "remat-per-task", variant == "fomaml-per-task"
+        algorithm = maml(
+            loss_fn, num_inner_steps=num_inner_steps, inner_lr=w["alpha"], remat=remat, first_order=first_order
+        )
     meta_grad = functools.partial(batched_meta_grad, algorithm, task_map=task_map)
     return make_train_step_from_grads(meta_grad, optax.adam(1e-3)), state, tasks
 
