@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from maml_jax.checkpoint import CheckpointError, TrainingInterrupted
@@ -76,52 +77,59 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, overrides
 
 
-def _train(args, overrides) -> int:
+def _with_compile_cache(cache_dir: str | None, parser: argparse.ArgumentParser, work: Callable[[], int]) -> int:
+    """``work()``, inside the persistent compilation cache ``cache_dir`` (``--compile-cache``) if
+    given, with a one-line report of its use at the end (also after an error or a stop)."""
+    if not cache_dir:
+        return work()
+    try:
+        path = enable_compile_cache(cache_dir)
+    except ValueError as err:
+        parser.error(f"--compile-cache: {err}")
+    with CacheUse(path) as use:
+        try:
+            return work()
+        finally:
+            print(use.summary(), file=sys.stderr)
+
+
+def _train(args, overrides, parser: argparse.ArgumentParser) -> int:
     from maml_jax.experiment import train_and_evaluate
 
     config = apply_overrides(load_config(args.config), overrides)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{config.name}-{stamp}"
-    print(f"run directory: {workdir}", file=sys.stderr)
-    out = train_and_evaluate(config, workdir, progress=not args.no_progress)
-    print(out["table"])
-    print(f"\nresults, metrics and figures in {workdir}")
-    return 0
+
+    def train() -> int:
+        print(f"run directory: {workdir}", file=sys.stderr)
+        out = train_and_evaluate(config, workdir, progress=not args.no_progress)
+        print(out["table"])
+        print(f"\nresults, metrics and figures in {workdir}")
+        return 0
+
+    return _with_compile_cache(args.compile_cache, parser, train)
 
 
 def _run_command(args: argparse.Namespace, overrides: dict[str, str], parser: argparse.ArgumentParser) -> int:
-    """Run the parsed command (``main`` maps its errors, and ``Stopped``, to exit codes); with
-    ``--compile-cache`` (train, eval), inside a persistent compilation cache, reported at the end."""
-    cache_dir = getattr(args, "compile_cache", None)
-    if not cache_dir:
-        return _run_uncached(args, overrides, parser)
-    try:
-        path = enable_compile_cache(cache_dir)
-    except (ValueError, RuntimeError) as err:
-        parser.error(f"--compile-cache: {err}")
-    with CacheUse(path) as use:
-        try:
-            return _run_uncached(args, overrides, parser)
-        finally:
-            print(use.summary(), file=sys.stderr)
-
-
-def _run_uncached(args: argparse.Namespace, overrides: dict[str, str], parser: argparse.ArgumentParser) -> int:
+    """Run the parsed command (``main`` maps its errors, and ``Stopped``, to exit codes)."""
     if args.command == "list-configs":
         print("\n".join(list_configs()))
         return 0
     if args.command == "eval":
         from maml_jax.experiment import evaluate_run
 
-        out = evaluate_run(
-            args.run_dir,
-            label=args.model,
-            num_tasks=args.num_tasks,
-            inner_grad_clip=args.inner_grad_clip,
-            data_dir=args.data_dir,
-        )
-        print(f"model at step {out['step']}\n{out['table']}")
-        return 0
+        def evaluate() -> int:
+            out = evaluate_run(
+                args.run_dir,
+                label=args.model,
+                num_tasks=args.num_tasks,
+                inner_grad_clip=args.inner_grad_clip,
+                data_dir=args.data_dir,
+            )
+            print(f"model at step {out['step']}\n{out['table']}")
+            return 0
+
+        return _with_compile_cache(args.compile_cache, parser, evaluate)
     if args.command == "plot":
         from maml_jax.plotting import plot_runs
 
@@ -156,7 +164,7 @@ def _run_uncached(args: argparse.Namespace, overrides: dict[str, str], parser: a
         import jax
 
         print(f"process {index} of {count}: {jax.device_count()} devices in all", file=sys.stderr)
-    return _train(args, overrides)
+    return _train(args, overrides, parser)
 
 
 def main(argv: list[str] | None = None) -> int:

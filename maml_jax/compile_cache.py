@@ -7,14 +7,15 @@ compile options (``XLA_FLAGS`` included), the devices and the JAX/jaxlib version
 them instead of compiling (``jax_compilation_cache_dir``). A loaded executable is the one that
 was compiled, so results are bitwise those of a run without the cache (tested).
 
-The cache is opt-in, and it must be switched on before the process compiles anything: JAX
-decides once per process, at its first compilation, whether a cache is used.
+The cache is opt-in. ``enable_compile_cache`` may run at any time: JAX opens the cache
+directory at the first compilation after it is set, and the function makes JAX reopen it when the
+directory changes. In a multi-process job only process 0 writes entries; every process reads them.
 
 Known limitation: on some CPUs (reported for AVX-512 Xeons) XLA:CPU refuses to load the
 executables it wrote itself, because its loader checks LLVM tuning flags as if they were
 instruction-set features (jax-ml/jax#38445, openxla/xla#44565): every program is then compiled
-again. ``CacheUse`` notices this (a program compiled and saved although its entry was already in
-the directory) and says so, instead of letting the cache fail silently.
+again. ``CacheUse`` notices programs compiled and saved although their entry was already in the
+directory, and says so, instead of letting the cache fail silently.
 """
 
 from __future__ import annotations
@@ -28,27 +29,25 @@ _WRITE = "/jax/compilation_cache/cache_misses"  # recorded when a compiled progr
 _SUFFIX = "-cache"  # jax._src.lru_cache stores an entry as <key>-cache
 
 
-def _cache_already_decided() -> bool:
-    """Whether this process has compiled with the cache setting fixed (JAX checks it once)."""
-    try:
-        from jax._src import compilation_cache
-    except ImportError:  # pragma: no cover - a JAX without the module
-        return False
-    return bool(getattr(compilation_cache, "_cache_checked", False))
-
-
 def enable_compile_cache(path: str | os.PathLike, min_compile_time_s: float = 0.0) -> Path:
-    """Keep compiled XLA executables in ``path`` (created if missing) and load them from there.
+    """Keep compiled XLA executables in ``path`` (created if missing) and load them from there,
+    for every compilation of this process from now on.
 
     ``min_compile_time_s``: programs that compiled faster are not saved (JAX's default, 1 s, is
     meant for remote file systems; on a local disk saving everything costs a few ms each).
     Returns the resolved directory. Raises ``ValueError`` if ``path`` cannot be created or
-    written, ``RuntimeError`` if this process has already compiled a program (JAX fixes the
-    cache setting at its first compilation, so a later call would be silently ignored)."""
+    written, or if JAX's persistent cache is switched off (``JAX_ENABLE_COMPILATION_CACHE=false``),
+    in which case the directory would be ignored."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     if not min_compile_time_s >= 0:
         raise ValueError(f"min_compile_time_s must be >= 0, got {min_compile_time_s!r}")
+    if not jax.config.jax_enable_compilation_cache:
+        raise ValueError(
+            "JAX's persistent compilation cache is switched off in this process (JAX_ENABLE_COMPILATION_CACHE"
+            "=false or jax_enable_compilation_cache), so a cache directory would be ignored"
+        )
     p = Path(path).expanduser().resolve()
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -56,14 +55,13 @@ def enable_compile_cache(path: str | os.PathLike, min_compile_time_s: float = 0.
         raise ValueError(f"compile cache {p}: cannot create the directory ({err.strerror or err})") from None
     if not os.access(p, os.W_OK | os.X_OK):
         raise ValueError(f"compile cache {p}: the directory is not writable")
-    if _cache_already_decided():
-        raise RuntimeError(
-            "enable_compile_cache must run before this process compiles anything: JAX decides at its "
-            "first compilation whether a persistent cache is used"
-        )
-    jax.config.update("jax_compilation_cache_dir", str(p))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold
+    if jax.config.jax_compilation_cache_dir != str(p):
+        jax.config.update("jax_compilation_cache_dir", str(p))
+        # JAX opens the directory once, at the first compilation that uses it: forget a cache
+        # opened earlier at another directory, so that the next compilation opens this one
+        compilation_cache.reset_cache()
     return p
 
 
@@ -81,10 +79,9 @@ class CacheUse:
         print(use.summary())
 
     ``loaded``: programs taken from the cache; ``saved``: programs compiled and offered to the
-    cache; ``new_entries``: entries the directory gained; ``rejected``: programs compiled and
-    saved although their entry was already there (the cache did not load them, see the module
-    docstring), ``saved - new_entries`` (so another process writing the same directory at the
-    same time also counts)."""
+    cache; ``new_entries``: entries the directory gained; ``rejected``: ``saved - new_entries``,
+    programs compiled and saved although their entry was already there (refused on loading, see
+    the module docstring), or written by another process at the same time, or not written."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -120,11 +117,18 @@ class CacheUse:
 
     def summary(self) -> str:
         """One line for the end of a run."""
+        import jax
+
         line = f"compile cache {self.path}: {self.loaded} programs loaded, {self.saved} compiled and saved"
         if self.rejected:
             line += (
-                f"; {self.rejected} of them were already in the cache but were compiled again: XLA:CPU "
-                "refused its own entries (on some CPUs it does, jax-ml/jax#38445), so the cache cannot "
-                "save time on this machine"
+                f"; {self.rejected} of them were compiled again although an entry was already there: refused "
+                "by XLA:CPU (on some CPUs it refuses its own entries, jax-ml/jax#38445; the cache then saves "
+                "no time), written at the same time by another process, or not written (a full disk?)"
             )
+        elif self.loaded == self.saved == 0:
+            if jax.process_index() != 0:
+                line += f" (process {jax.process_index()}: only process 0 writes entries)"
+            else:
+                line += " (no program went through the cache: can this backend serialize its executables?)"
         return line

@@ -2,6 +2,14 @@ import jax
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_cache_from_the_environment(monkeypatch):
+    """``maml-jax train``/``eval`` default ``--compile-cache`` to ``$MAML_JAX_COMPILE_CACHE``: a
+    developer's own setting must not switch the cache on inside the tests (tests that want it
+    pass it themselves)."""
+    monkeypatch.delenv("MAML_JAX_COMPILE_CACHE", raising=False)
+
+
 @pytest.fixture
 def x64():
     """Run a test in float64 (finite differences need it); restores float32 afterwards."""

@@ -20,6 +20,8 @@ import pytest
 from algo_harness import SHARED_OMNIGLOT
 from run_files import metric_rows
 
+from maml_jax.compile_cache import cache_entries
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 DISPLAY_STUB = """
@@ -118,8 +120,12 @@ def test_omniglot_notebook_trains_evaluates_and_plots(tmp_path):
         "EVAL_NUM_TASKS": 10,
         "DATA_DIR": str(SHARED_OMNIGLOT),
         "WORKDIR": str(workdir),
+        "COMPILE_CACHE": str(tmp_path / "xla"),
     }
     out = run_notebook("omniglot_maml.ipynb", params, tmp_path)
+    # the compilation cache was on before the first compilation: the run's programs are in it
+    assert f"compile cache in {tmp_path / 'xla'}" in out and cache_entries(tmp_path / "xla")
+    assert json.loads((workdir / "run.json").read_text())["compile_cache"] == str(tmp_path / "xla")
     # LAYOUT "auto" on CPU keeps the library's CPU defaults (the GPU layout runs in the test
     # below; the TPU layout's grouped convolutions are too slow on XLA:CPU for the test suite)
     assert "'conv_impl': 'patches', 'task_map': 'map', 'num_devices': 1" in out
