@@ -399,6 +399,7 @@ def measure(
         "cpus": len(available_cpus() or []) or os.cpu_count(),  # the CPUs this process may run on
         # None: the backend's default (TF32 tensor cores for float32 on recent NVIDIA GPUs)
         "matmul_precision": jax.config.jax_default_matmul_precision,
+        "xla_flags": os.environ.get("XLA_FLAGS"),  # e.g. an LLVM optimisation level: another program
     }
 
 

@@ -58,6 +58,7 @@ def test_omniglot_bench_prints_one_json_line(fixed):
     (result,) = run_bench(*args, *(["--fixed-tasks"] if fixed else []), fast_compile=True)
     assert result["fixed_tasks"] is fixed
     assert result["workload"] == "omniglot-5w1s" and result["it_per_s"] > 0 and result["compile_s"] > 0
+    assert "--xla_backend_optimization_level=0" in result["xla_flags"]  # the result names what compiled it
     assert 0 < result["lower_s"] < result["compile_s"]  # tracing + lowering is part of compile_s
     assert result["tasks"] == 2 and result["iters"] == 1
     # the Omniglot workloads split their tasks over two CPU devices by default (DEFAULT_CPU_DEVICES)
