@@ -5,7 +5,8 @@
 # Timed iterations asked for: sinusoid 2000, omniglot-5w1s 10, the others 6, or ITERS for every
 # workload (the benchmark times whole windows, so it may time fewer).
 # Produced optlevel_zen1_rounds3.jsonl (`optlevel_rounds.sh OUT 3 sinusoid omniglot-5w1s omniglot-20w1s
-# miniimagenet-5w1s`) and optlevel_o5_zen1_rounds4.jsonl (`ITERS=20 optlevel_rounds.sh OUT 4 omniglot-5w1s`).
+# miniimagenet-5w1s`) and optlevel_o5_zen1_rounds4.jsonl (`ITERS=20 optlevel_rounds.sh OUT 4 omniglot-5w1s`),
+# both by an earlier form of this script that kept no stderr files and wrote no "rc" field.
 set -u
 out=$(realpath -m "${1:?usage: optlevel_rounds.sh OUT.jsonl ROUNDS WORKLOAD...}")
 rounds=${2:?usage: optlevel_rounds.sh OUT.jsonl ROUNDS WORKLOAD...}
