@@ -71,6 +71,18 @@ def test_channels_first_conv_matches_the_patch_convolution_to_second_order(x64, 
     np.testing.assert_allclose(hvp(custom, v)(k), hvp(patches, v)(k), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 7, 3), (1, 6, 9, 3)])
+@pytest.mark.parametrize("name", ["winograd_conv", "winograd_primal_conv"])
+def test_winograd_convs_match_the_patch_convolution_to_second_order(x64, shape, name):
+    _, k, v = conv_problem()
+    x = jax.random.normal(jax.random.PRNGKey(3), shape)  # odd sides crop the last tile's half
+    conv, patches = getattr(speed_variants, name), lambda x_, k_: conv3x3(x_, k_, 1, "patches")
+    np.testing.assert_allclose(conv(x, k), patches(x, k), rtol=1e-11, atol=1e-12)
+    custom, plain = two_layer_loss(conv, x), two_layer_loss(patches, x)
+    np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(plain)(k), rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(hvp(custom, v)(k), hvp(plain, v)(k), rtol=1e-9, atol=1e-10)
+
+
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):
     a = jax.random.normal(jax.random.PRNGKey(0), (150, 6))
     g = jax.random.normal(jax.random.PRNGKey(1), (150, 4))
@@ -242,3 +254,11 @@ def test_blas_gemm_tn_is_the_transposed_product_batched_and_in_float32():
         blas_kgrad.gemm_tn(p.astype(np.float16), g.astype(np.float16))
     with pytest.raises(ValueError, match="equal leading dims"):
         blas_kgrad.gemm_tn(p[0], g[0, :36])  # M differs: 37 rows against 36
+
+
+def test_winograd_layers_prints_a_row_per_layer(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["winograd_layers.py", "--images", "1"])
+    load("winograd_layers").main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d+x\d+x\d+ \|", line)]
+    assert [r.split(" | ")[0] for r in rows] == ["| 84x84x3", "| 42x42x32", "| 21x21x32", "| 10x10x32"]
+    assert all(len(r.split(" | ")) == 7 and float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
