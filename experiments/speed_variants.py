@@ -19,6 +19,9 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   patches (with 3 channels the transforms cost more than they save).
 * ``winofwd``: as ``wino`` for the forward values only (``winograd_primal_conv``, a custom JVP
   whose tangent is the patch convolution's, so every gradient is computed as in ``base``).
+* ``unrolledrng``: JAX's threefry PRNG lowered on CPU with its 20 rounds unrolled, as on GPU,
+  instead of the rolled ``while`` loop JAX picks for CPU (``unrolled_threefry_on_cpu``): the same
+  random bits, so the same tasks.
 * ``bn1pass``: BatchNorm's variance as ``E[x²] − E[x]²`` (one read of the activations for both
   moments instead of two).
 * ``pairmax``: 2x2 max-pool as ``maximum`` of the four strided views.
@@ -326,6 +329,18 @@ def _patch_conv(x, k):
     return (p.reshape(-1, p.shape[-1]) @ k.reshape(p.shape[-1], -1)).reshape(*p.shape[:3], -1)
 
 
+def unrolled_threefry_on_cpu() -> None:
+    """Lower JAX's ``threefry2x32`` on CPU with the rule of the other platforms: the 20 rounds
+    unrolled (inlined here; JAX emits them as an out-of-line function elsewhere, which timed the
+    same), instead of the CPU rule's ``while`` loop of 5 iterations. The same integer arithmetic,
+    so the same bits. Process-wide: it replaces JAX's registered CPU lowering (a private module)."""
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32
+
+    rule = threefry2x32._threefry2x32_lowering_rule  # the default platforms' (unrolled) rule
+    mlir.register_lowering(threefry2x32.threefry2x32_p, rule, platform="cpu")
+
+
 def one_pass_batch_norm(x, scale, bias, eps=conv4.BN_EPS):
     """``conv4.batch_norm`` with the variance as ``E[x²] − E[x]²``: both moments from one read of ``x``."""
     mean = jnp.mean(x, axis=(0, 1, 2))
@@ -396,6 +411,8 @@ def patch(variant: str) -> None:
         conv4.conv3x3 = lambda x, k, stride, impl: (
             winograd_primal_conv(x, k) if stride == 1 and x.shape[-1] >= 8 else patches_conv(x, k, stride, impl)
         )
+    elif variant == "unrolledrng":
+        unrolled_threefry_on_cpu()
     elif variant == "bn1pass":
         conv4.batch_norm = one_pass_batch_norm
     elif variant == "pairmax":

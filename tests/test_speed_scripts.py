@@ -2,7 +2,11 @@
 compute what the library computes (so a timing compares like with like)."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -262,3 +266,34 @@ def test_winograd_layers_prints_a_row_per_layer(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d+x\d+x\d+ \|", line)]
     assert [r.split(" | ")[0] for r in rows] == ["| 84x84x3", "| 42x42x32", "| 21x21x32", "| 10x10x32"]
     assert all(len(r.split(" | ")) == 7 and float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
+
+
+UNROLLED_RNG_CHECK = """
+import sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+import speed_variants
+
+def draw(key):
+    k1, k2 = jax.random.split(key)
+    return jax.random.normal(k1, (25, 10)), jax.random.uniform(jax.random.fold_in(k2, 3), (25,))
+
+key = jax.random.PRNGKey(7)
+rolled = jax.jit(draw)(key), "while" in jax.jit(draw).lower(key).as_text()
+speed_variants.unrolled_threefry_on_cpu()
+again = lambda k: draw(k)  # a new function: traced and lowered again
+unrolled = jax.jit(again)(key), "while" in jax.jit(again).lower(key).as_text()
+print(rolled[1], unrolled[1], all(np.array_equal(a, b) for a, b in zip(rolled[0], unrolled[0])))
+"""
+
+
+def test_unrolled_threefry_drops_the_loop_and_keeps_the_bits():
+    """In a child process: the lowering swap is process-wide."""
+    out = subprocess.run(
+        [sys.executable, "-c", UNROLLED_RNG_CHECK, str(Path(speed_variants.__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    ).stdout.split()
+    assert out == ["True", "False", "True"]
