@@ -25,9 +25,11 @@ reports medians (a shared machine's noise moves single runs by ±20%).
 ``--cpu-devices N`` splits the task batch over N XLA CPU devices of this process
 (``jax_num_cpu_devices``; ``parallel.shard_meta_grad``, the path of ``--config.num_devices``),
 each device's share of the tasks running concurrently with the other's. ``DEFAULT_CPU_DEVICES``:
-2 for the Omniglot workloads, whose small per-task kernels leave part of two cores idle when the
-tasks run one after the other (on 2 cores, alternated runs: omniglot-20w1s +10% and +22%,
-omniglot-5w1s +13% and -1%; miniimagenet-5w1s no measurable gain), 1 otherwise; ignored off CPU. ``cpu_devices`` in the
+2 for the image workloads, whose per-task kernels leave part of two cores idle when the tasks run
+one after the other (on 2 cores, alternated runs: omniglot-20w1s +10% and +22%, omniglot-5w1s +13%
+and -1%; miniimagenet-5w1s no measurable gain on the first machine, +11% by the median of 7 pairs
+on an AVX-512 EPYC at 7275acf, ``experiments/results/bench/tried_2026-12-06_winograd.md``), 1 for the
+sinusoid; ignored off CPU. ``cpu_devices`` in the
 JSON says how many the task batch was split over.
 
 ``--cpus N`` runs JAX on N CPUs (``host.limit_cpus``; ``DEFAULT_CPUS``: 1 for the sinusoid,
@@ -105,7 +107,7 @@ DEFAULT_STEPS_PER_CALL = {"mlp": 100, "omniglot": 1, "miniimagenet": 1}
 # One core runs the tiny sinusoid step ~1.4x faster on a 2-core CPU (no cross-thread handoffs)
 DEFAULT_CPUS = {"mlp": 1, "omniglot": None, "miniimagenet": None}
 # XLA CPU devices the task batch is split over (see the module docstring); must divide the tasks
-DEFAULT_CPU_DEVICES = {"mlp": 1, "omniglot": 2, "miniimagenet": 1}
+DEFAULT_CPU_DEVICES = {"mlp": 1, "omniglot": 2, "miniimagenet": 2}
 PEERS = ("torchfunc", "loop", "l2l", "higher")
 PEER_ITERS = {"mlp": (1000, 20), "omniglot": (5, 1), "miniimagenet": (5, 1)}  # (iters, warmup) of each peer
 
@@ -529,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-devices",
         type=int,
         default=None,
-        help="split the task batch over N XLA CPU devices (task-parallel); default: 2 for the Omniglot "
-        "workloads, 1 otherwise (DEFAULT_CPU_DEVICES); ignored off CPU",
+        help="split the task batch over N XLA CPU devices (task-parallel); default: 2 for the image "
+        "workloads, 1 for the sinusoid (DEFAULT_CPU_DEVICES); ignored off CPU",
     )
     ap.add_argument(
         "--rounds",

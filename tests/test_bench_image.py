@@ -61,7 +61,7 @@ def test_omniglot_bench_prints_one_json_line(fixed):
     assert "--xla_backend_optimization_level=0" in result["xla_flags"]  # the result names what compiled it
     assert 0 < result["lower_s"] < result["compile_s"]  # tracing + lowering is part of compile_s
     assert result["tasks"] == 2 and result["iters"] == 1
-    # the Omniglot workloads split their tasks over two CPU devices by default (DEFAULT_CPU_DEVICES)
+    # the image workloads split their tasks over two CPU devices by default (DEFAULT_CPU_DEVICES)
     assert result["cpu_devices"] == result["devices"] == bench.DEFAULT_CPU_DEVICES["omniglot"] == 2
     assert result["conv_impl"] == bench.CONV_IMPLS[0] and result["task_map"] == bench.DEFAULT_TASK_MAP["omniglot-5w1s"]
 
