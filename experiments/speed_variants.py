@@ -205,6 +205,13 @@ def two_step_transpose(a):
     return blocks.transpose(1, 0, 2).reshape(cols, rows)
 
 
+def patch_conv(x, k, stride):
+    """The library's patch convolution (``conv4.conv3x3`` with ``"patches"``) by its parts,
+    ``conv4.patches3x3`` and one matmul: ``conv4.conv3x3`` itself is the name the variants replace."""
+    p = conv4.patches3x3(x, stride)
+    return (p.reshape(-1, p.shape[-1]) @ k.reshape(p.shape[-1], -1)).reshape(*p.shape[:3], -1)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def transposed_kgrad_conv(x, k, stride, build):
     """``conv4.conv3x3`` (patches) whose tangent in the kernel is ``dot_general(P_T, dk)``
@@ -213,8 +220,7 @@ def transposed_kgrad_conv(x, k, stride, build):
     contracted on its last axis) instead of contracting the rows of ``P``. ``build``: ``"patches"``
     (``two_step_transpose`` of the patch matrix) or ``"input"`` (``patches_transposed``). A
     ``custom_jvp``, so forward mode (iMAML) still works."""
-    p = conv4.patches3x3(x, stride)  # conv4.conv3x3's patch form; that name is what the variant patches
-    return (p.reshape(-1, p.shape[-1]) @ k.reshape(p.shape[-1], -1)).reshape(*p.shape[:3], -1)
+    return patch_conv(x, k, stride)
 
 
 def _transposed_kgrad_conv_jvp(stride, build, primals, tangents):
@@ -319,14 +325,7 @@ def winograd_primal_conv(x, k):
 @winograd_primal_conv.defjvp
 def _winograd_primal_conv_jvp(primals, tangents):
     (x, k), (dx, dk) = primals, tangents
-    return winograd_primal_conv(x, k), _patch_conv(dx, k) + _patch_conv(x, dk)
-
-
-def _patch_conv(x, k):
-    """The library's patch convolution at stride 1, by its parts (``conv4.conv3x3`` itself is
-    what the variants replace)."""
-    p = conv4.patches3x3(x, 1)
-    return (p.reshape(-1, p.shape[-1]) @ k.reshape(p.shape[-1], -1)).reshape(*p.shape[:3], -1)
+    return winograd_primal_conv(x, k), patch_conv(dx, k, 1) + patch_conv(x, dk, 1)
 
 
 def unrolled_threefry_on_cpu() -> None:
@@ -392,25 +391,27 @@ def _replace_task_map(make: Callable[[Callable], Callable]) -> None:
     )
 
 
+def stride1_conv(conv: Callable, other: Callable, min_channels: int = 0) -> Callable:
+    """A ``conv4.conv3x3`` that runs ``conv(x, k)`` on stride-1 layers with at least
+    ``min_channels`` input channels and ``other(x, k, stride, impl)`` on the rest."""
+
+    def conv3x3(x, k, stride, impl):
+        return conv(x, k) if stride == 1 and x.shape[-1] >= min_channels else other(x, k, stride, impl)
+
+    return conv3x3
+
+
 def patch(variant: str) -> None:
     """Apply one named variant to the library modules of this process."""
     if variant == "base":
         return
     if variant == "vjpconv":
-        patches_conv = conv4.conv3x3
-        conv4.conv3x3 = lambda x, k, stride, impl: vjp_conv(x, k) if stride == 1 else patches_conv(x, k, stride, impl)
+        conv4.conv3x3 = stride1_conv(vjp_conv, conv4.conv3x3)
     elif variant == "shiftconv":
         conv4.conv3x3 = lambda x, k, stride, impl: shift_conv(x, k, stride)
-    elif variant == "wino":
-        patches_conv = conv4.conv3x3
-        conv4.conv3x3 = lambda x, k, stride, impl: (
-            winograd_conv(x, k) if stride == 1 and x.shape[-1] >= 8 else patches_conv(x, k, stride, impl)
-        )
-    elif variant == "winofwd":
-        patches_conv = conv4.conv3x3
-        conv4.conv3x3 = lambda x, k, stride, impl: (
-            winograd_primal_conv(x, k) if stride == 1 and x.shape[-1] >= 8 else patches_conv(x, k, stride, impl)
-        )
+    elif variant in ("wino", "winofwd"):
+        conv = winograd_conv if variant == "wino" else winograd_primal_conv
+        conv4.conv3x3 = stride1_conv(conv, conv4.conv3x3, min_channels=8)
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":

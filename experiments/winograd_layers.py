@@ -13,47 +13,26 @@ Markdown table. Why the variants were not kept: ``results/bench/tried_2026-12-06
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import statistics
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from maml_jax.bench import median_call_ms
 from maml_jax.models.conv4 import conv3x3
 
 LAYERS = ((84, 3), (42, 32), (21, 32), (10, 32))
-
-
-def load_speed_variants():
-    path = Path(__file__).with_name("speed_variants.py")
-    spec = importlib.util.spec_from_file_location("speed_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def median_ms(fn, *args, calls: int = 5) -> float:
-    """Median wall time of ``calls`` calls of jitted ``fn`` after one warm-up call, in ms."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=75)
     a = ap.parse_args()
-    sv = load_speed_variants()
+    from speed_variants import winograd_conv, winograd_primal_conv  # a sibling: experiments/ is sys.path[0] when run
+
     convs = {
         "patches": lambda x, k: conv3x3(x, k, 1, "patches"),
-        "winograd": sv.winograd_conv,
-        "winograd value only": sv.winograd_primal_conv,
+        "winograd": winograd_conv,
+        "winograd value only": winograd_primal_conv,
     }
     print(f"{a.images} images, 32 filters, float32, {jax.devices()[0].device_kind}; ms, median of 5")
     print("| layer | " + " | ".join(f"{n} fwd | {n} grads" for n in convs) + " |")
@@ -66,7 +45,7 @@ def main() -> None:
         for conv in convs.values():
             fwd = jax.jit(conv)
             grads = jax.jit(jax.grad(lambda x_, k_, conv=conv: jnp.sum(conv(x_, k_) ** 2), argnums=(0, 1)))
-            cells += [f"{median_ms(fwd, x, k):.1f}", f"{median_ms(grads, x, k):.1f}"]
+            cells += [f"{median_call_ms(fwd, x, k, calls=5):.1f}", f"{median_call_ms(grads, x, k, calls=5):.1f}"]
         print(f"| {side}x{side}x{c} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -28,7 +28,7 @@ each device's share of the tasks running concurrently with the other's. ``DEFAUL
 2 for the image workloads, whose per-task kernels leave part of two cores idle when the tasks run
 one after the other (on 2 cores, alternated runs: omniglot-20w1s +10% and +22%, omniglot-5w1s +13%
 and -1%; miniimagenet-5w1s no measurable gain on the first machine, +11% by the median of 7 pairs
-on an AVX-512 EPYC at 7275acf, ``experiments/results/bench/tried_2026-12-06_winograd.md``), 1 for the
+on an AVX-512 EPYC at 7275acf, ``experiments/results/bench/miniimagenet_2devices_epyc512.md``), 1 for the
 sinusoid; ignored off CPU. ``cpu_devices`` in the
 JSON says how many the task batch was split over.
 

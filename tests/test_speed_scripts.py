@@ -261,6 +261,7 @@ def test_blas_gemm_tn_is_the_transposed_product_batched_and_in_float32():
 
 
 def test_winograd_layers_prints_a_row_per_layer(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(speed_variants.__file__).parent))  # as when run: its siblings importable
     monkeypatch.setattr("sys.argv", ["winograd_layers.py", "--images", "1"])
     load("winograd_layers").main()
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d+x\d+x\d+ \|", line)]
