@@ -12,8 +12,9 @@ meta-gradient from ``algorithms.batched_meta_grad`` (each task's inside the task
 ``--fixed-tasks`` instead trains every step on one batch drawn before timing, which is how
 ``torch_peers.py`` times the peers (the same chunk, with the batch as its data; the sampler's
 share of the step, about 10% for the sinusoid and at most 6% for the images on a 2-core EPYC, drops out).
-``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~1 ms
-step; fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
+``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~0.3 ms
+step, 3,102 it/s on an AVX-512 EPYC in ``experiments/results/bench/epyc512_rounds3_4a993ec.md``;
+fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
 
 ``--all --compare-peers`` also runs each PyTorch peer of ``torch_peers.py`` (``--peers-python``
 of the peers' venv, ``--l2l-src`` for learn2learn) on each workload and prints a table of ours
@@ -27,13 +28,13 @@ reports medians (a shared machine's noise moves single runs by ±20%).
 each device's share of the tasks running concurrently with the other's. ``DEFAULT_CPU_DEVICES``:
 2 for the image workloads, whose per-task kernels leave part of two cores idle when the tasks run
 one after the other (on 2 cores, alternated runs: omniglot-20w1s +10% and +22%, omniglot-5w1s +13%
-and -1%; miniimagenet-5w1s no measurable gain on the first machine, +11% by the median of 7 pairs
-on an AVX-512 EPYC at 7275acf, ``experiments/results/bench/miniimagenet_2devices_epyc512.md``), 1 for the
-sinusoid; ignored off CPU. ``cpu_devices`` in the
-JSON says how many the task batch was split over.
+and -1%; miniimagenet-5w1s +11% by the medians of 7 alternated pairs on an AVX-512 EPYC at 7275acf,
+two devices faster in 5 of them, where earlier, shorter A/Bs had shown no gain,
+``experiments/results/bench/miniimagenet_2devices_epyc512.md``), 1 for the sinusoid; ignored off CPU.
+``cpu_devices`` in the JSON says how many the task batch was split over.
 
 ``--cpus N`` runs JAX on N CPUs (``host.limit_cpus``; ``DEFAULT_CPUS``: 1 for the sinusoid,
-whose ~100 tiny kernels per step lose more to cross-thread handoffs than they gain from a
+whose step of ~125 tiny fusions (plus dots and copies) loses more to cross-thread handoffs than it gains from a
 second core, all for the image workloads); ``cpus`` in the JSON says how many were used. With
 ``--compare-peers`` or several workloads a pinned workload runs in a child process, so the
 peers and the peak matmul keep every CPU.

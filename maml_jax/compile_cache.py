@@ -35,9 +35,9 @@ def enable_compile_cache(path: str | os.PathLike, min_compile_time_s: float = 0.
 
     ``min_compile_time_s``: programs that compiled faster are not saved (JAX's default, 1 s, is
     meant for remote file systems; on a local disk saving everything costs a few ms each).
-    Returns the resolved directory. Raises ``ValueError`` if ``path`` cannot be created or
-    written, or if JAX's persistent cache is switched off (``JAX_ENABLE_COMPILATION_CACHE=false``),
-    in which case the directory would be ignored."""
+    Returns the resolved directory. Raises ``ValueError`` if ``min_compile_time_s`` is negative
+    (or NaN), if ``path`` cannot be created or written, or if JAX's persistent cache is switched
+    off (``JAX_ENABLE_COMPILATION_CACHE=false``), in which case the directory would be ignored."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 

@@ -25,7 +25,8 @@ DATASETS = {"sinusoid": None, "omniglot": 20, "miniimagenet": 600}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every field an experiment reads. Defaults are the sinusoid setup of Finn et al. (2017)."""
+    """Every field an experiment reads. Defaults are the sinusoid setup of Finn et al. (2017),
+    except ``kernel_init``: ``lecun_normal`` here, ``torch_default`` in ``experiments/configs/sinusoid.py``."""
 
     name: str = "sinusoid"
     dataset: str = "sinusoid"

@@ -1,8 +1,8 @@
 """The host CPUs that JAX's CPU backend runs on.
 
 XLA:CPU sizes its intra-op thread pool from the process's CPU affinity mask when the backend
-is created. For a tiny program such as the sinusoid MLP's meta-step (about a hundred kernels of
-a few microseconds each) handing kernels to other threads costs more than it saves: on a
+is created. For a tiny program such as the sinusoid MLP's meta-step (about 125 fusions, plus its dots
+and copies, of a few microseconds each) handing kernels to other threads costs more than it saves: on a
 2-core machine, one core ran the sinusoid benchmark about 1.4x faster than two (README,
 Speed). ``limit_cpus`` restricts the process to fewer CPUs; it must run before JAX creates
 its backends (the first computation or ``jax.devices()``). Linux only (``os.sched_setaffinity``).

@@ -160,7 +160,7 @@ def test_train_with_both_clips_then_eval_and_plot_with_another_inner_clip(tmp_pa
     from an unclipped run); ``eval`` restores the clipped run's Adam-after-clip state from its
     checkpoint; ``eval --inner-grad-clip`` writes its own files, where a clip far above every
     gradient reproduces no clipping and a binding one changes the figures; ``plot`` still
-    finds the run's own evaluation among them."""
+    finds the run's own evaluation among them and writes its inner-steps figure."""
     import json
 
     from test_algorithm_runs import TINY_SINUSOID
@@ -188,7 +188,17 @@ def test_train_with_both_clips_then_eval_and_plot_with_another_inner_clip(tmp_pa
     assert mse("eval-step3-clip0.json") == pytest.approx(mse("eval-step3-clip1e+09.json"), rel=1e-6)
     assert abs(mse("eval-step3-clip0.001.json") - mse("eval-step3-clip0.json")) > 1e-4
     assert abs(mse("eval-step3.json") - mse("eval-step3-clip0.json")) > 1e-4  # the run's own clip, 0.01
+    # plot's evaluation of the run is eval-step3.json (the run's own clip), not a -clip<C> file
+    from maml_jax.plotting import _latest_eval
+
+    assert _latest_eval(workdir) == json.loads((workdir / "eval-step3.json").read_text())
     capsys.readouterr()
     assert main(["plot", str(workdir), "--out", str(tmp_path / "fig")]) == 0
+    written = capsys.readouterr().out.split()
+    # learning curves and the inner-steps figure (there is an evaluation); no sinusoid figure,
+    # which needs eval.json
+    expected = [tmp_path / f"fig_{name}.{ext}" for name in ("curves", "inner_steps") for ext in ("png", "pdf")]
+    assert written == [str(p) for p in expected]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in expected)
     assert main(["eval", "--run-dir", str(workdir), "--inner-grad-clip", "-1"]) == 2
     assert "inner_grad_clip" in capsys.readouterr().err

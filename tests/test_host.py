@@ -80,8 +80,16 @@ def test_request_cpu_devices_before_jax_starts_then_train_splits_tasks_over_them
 
 
 def test_request_cpu_devices_after_jax_started_keeps_the_count():
-    jax.devices()
-    assert host.request_cpu_devices(4) == len(jax.devices("cpu"))
+    """Once the backends exist, a request for another count changes nothing: the existing CPU
+    device count comes back (not the count asked for) and ``jax_num_cpu_devices`` is left as it
+    was (jax would refuse the update with a RuntimeError anyway)."""
+    count = len(jax.devices("cpu"))  # this test process's backends exist from here on
+    setting = jax.config.jax_num_cpu_devices
+    for asked in (count + 3, 1 if count > 1 else 2):  # never the count the platform has
+        assert asked != count
+        assert host.request_cpu_devices(asked) == count
+        assert jax.config.jax_num_cpu_devices == setting
+        assert len(jax.devices("cpu")) == count
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="CPU devices"):
             host.request_cpu_devices(bad)

@@ -69,6 +69,25 @@ def config_args(name, data_root):
     return [f"--config.data_dir={data_root / 'miniimagenet'}", "--config.check_dataset_counts=false"]
 
 
+def assert_accuracy_summary(accuracy, workdir):
+    """``accuracy``: eval.json's ``{steps: [mean, ci95, median, nonfinite]}`` for the step
+    counts ``tiny()`` evaluates (0 and 1). Beyond lying in [0, 1]: every one of the
+    ``eval_num_tasks`` tasks scores a whole number of correct answers out of its
+    ``ways * eval_queries`` queries, so the mean is a multiple of 1 / (tasks * queries) and the
+    median of 1 / queries (odd task count), no task is non-finite, and the CI is finite and >= 0."""
+    config = json.loads((workdir / "config.json").read_text())
+    queries, tasks = config["ways"] * config["eval_queries"], config["eval_num_tasks"]
+    assert tasks % 2 == 1  # the median is one task's accuracy
+    assert set(accuracy) == {"0", "1"}
+    for steps, summary in accuracy.items():
+        assert len(summary) == 4, (steps, summary)
+        mean, ci95, median, nonfinite = summary
+        assert nonfinite == 0 and np.isfinite([mean, ci95, median]).all(), (steps, summary)
+        assert 0.0 <= mean <= 1.0 and 0.0 <= median <= 1.0 and ci95 >= 0.0, (steps, summary)
+        assert mean * tasks * queries == pytest.approx(round(mean * tasks * queries), abs=1e-4), (steps, summary)
+        assert median * queries == pytest.approx(round(median * queries), abs=1e-5), (steps, summary)
+
+
 @pytest.mark.parametrize("name", TABLE1)
 def test_tiny_variant_of_each_table1_config(name, data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MAML_JAX_DATA", str(data_root))
@@ -79,7 +98,7 @@ def test_tiny_variant_of_each_table1_config(name, data_root, tmp_path, monkeypat
     results = json.loads((workdir / "eval.json").read_text())["results"]
     label = "fomaml" if name.endswith("fomaml") else "maml"
     accuracy = results[label]["by_shots"][str(json.loads((workdir / "config.json").read_text())["shots"])]["accuracy"]
-    assert set(accuracy) == {"0", "1"} and all(0.0 <= v[0] <= 1.0 for v in accuracy.values())
+    assert_accuracy_summary(accuracy, workdir)
     assert "accuracy (%) after 1 step" in capsys.readouterr().out
     # the task map follows the backend: lax.map on XLA:CPU, vmap on GPU/TPU (README, Speed)
     assert json.loads((workdir / "config.json").read_text())["task_map"] == "auto"
@@ -182,7 +201,7 @@ def test_classification_only_algorithm_pieces_train_on_omniglot(algorithm, extra
     args = ["train", "omniglot_5w1s", "--workdir", str(workdir), f"--config.data_dir={OMNIGLOT}", *tiny()]
     assert main(args + [f"--config.algorithm={algorithm}", "--config.num_inner_steps=2", *extra]) == 0
     accuracy = json.loads((workdir / "eval.json").read_text())["results"][algorithm]["by_shots"]["1"]["accuracy"]
-    assert set(accuracy) == {"0", "1"} and all(0.0 <= v[0] <= 1.0 for v in accuracy.values())
+    assert_accuracy_summary(accuracy, workdir)
     assert main(["eval", "--run-dir", str(workdir)]) == 0
     again = json.loads((workdir / "eval-step2.json").read_text())["results"][algorithm]["by_shots"]["1"]["accuracy"]
     assert again == accuracy

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from run_files import metric_rows
 
 from maml_jax.core import batched_meta_loss
@@ -71,15 +72,33 @@ def _problem():
     return objective, params, sinusoid.sample_tasks(jax.random.PRNGKey(1), 4, 4, 4)
 
 
-def test_sharded_step_on_the_local_devices_equals_the_plain_step():
+def test_sharded_step_over_this_process_devices_equals_the_plain_step():
+    """In-process check of the sharded step over ``default_mesh()``, i.e. over this test
+    process's own devices: normally a single CPU device, so this exercises the ``shard_map`` /
+    ``pmean`` wrapper on a one-device mesh, not a split of the tasks (the subprocess tests above
+    cover 2, 4 and 8 devices). The mesh spans ``jax.devices()``; one step trains (the
+    parameters move) exactly like the plain jitted step, with the same metrics, and leaves the
+    state replicated on the mesh."""
     objective, params, tasks = _problem()
     optimizer = optax.sgd(0.1)
     state = init_train_state(params, optimizer, jax.random.PRNGKey(2))
     mesh = default_mesh()
-    sharded, _ = make_sharded_train_step(loss_to_meta_grad(objective), optimizer, mesh)(replicate(state, mesh), tasks)
-    plain, _ = jax.jit(make_train_step(objective, optimizer))(state, tasks)
+    assert mesh.axis_names == ("tasks",) and list(mesh.devices.ravel()) == jax.devices()
+    step = make_sharded_train_step(loss_to_meta_grad(objective), optimizer, mesh)
+    sharded, sharded_metrics = step(replicate(state, mesh), tasks)
+    plain, plain_metrics = jax.jit(make_train_step(objective, optimizer))(state, tasks)
     chex.assert_tree_all_finite(plain.meta_params)  # assert_trees_all_close takes NaN == NaN
+    pairs = zip(jax.tree.leaves(plain.meta_params), jax.tree.leaves(params), strict=True)
+    moved = max(float(abs(a - b).max()) for a, b in pairs)
+    assert moved > 1e-4  # the step trained: equal results are not two no-ops
+    assert int(sharded.step) == int(plain.step) == 1
     chex.assert_trees_all_close(sharded.meta_params, plain.meta_params, rtol=0, atol=1e-6)
+    assert set(sharded_metrics) == set(plain_metrics) and "meta_loss" in plain_metrics
+    for name, value in plain_metrics.items():
+        np.testing.assert_allclose(np.asarray(sharded_metrics[name]), np.asarray(value), rtol=1e-6, err_msg=name)
+    for leaf in jax.tree.leaves(sharded.meta_params):
+        assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
+        assert leaf.sharding.is_fully_replicated
 
 
 def test_bad_device_count_raises():

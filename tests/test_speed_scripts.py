@@ -159,16 +159,35 @@ def test_chunk_drawn_tasks_are_the_tasks_each_step_samples():
     chex.assert_trees_all_equal(library[1], drawn[1])
 
 
-def test_unrolled_task_map_matches_the_library_map():
+def test_unrolled_task_map_matches_a_python_loop_and_leaves_other_maps_to_the_plain_one():
+    """``unrolled_map_tasks(plain, n)`` runs ``task_map="map"`` as its own unrolled scan: it must
+    stack ``fn`` of each task as a Python loop over the tasks does (5 tasks, unroll 2: a partial
+    last unrolled block), and as the library's ``map`` does. Every other task map is handed to
+    ``plain`` unchanged, and ``map`` never reaches ``plain``."""
     from maml_jax.core import map_tasks
 
-    unrolled = speed_variants.unrolled_map_tasks(map_tasks, 2)
     tasks = {"a": jnp.arange(15.0).reshape(5, 3), "b": jnp.ones((5, 2))}
     fn = lambda t: (jnp.sin(t["a"]).sum() * t["b"], t["a"][::-1])  # noqa: E731
-    for task_map in ("map", "vmap"):
-        got = jax.jit(unrolled, static_argnums=(0, 2))(fn, tasks, task_map)
-        want = map_tasks(fn, tasks, task_map)
-        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+    rows = [fn(jax.tree.map(lambda a, i=i: a[i], tasks)) for i in range(5)]
+    loop = jax.tree.map(lambda *r: jnp.stack(r), *rows)
+
+    unrolled = speed_variants.unrolled_map_tasks(map_tasks, 2)
+    got = jax.jit(unrolled, static_argnums=(0, 2))(fn, tasks, "map")
+    assert jax.tree.structure(got) == jax.tree.structure(loop)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, loop)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, map_tasks(fn, tasks, "map"))
+
+    calls = []
+
+    def plain(fn_, tasks_, task_map):
+        calls.append((fn_, tasks_, task_map))
+        return "plain result"
+
+    recording = speed_variants.unrolled_map_tasks(plain, 2)
+    assert recording(fn, tasks, "vmap") == "plain result"
+    assert len(calls) == 1 and calls[0][0] is fn and calls[0][1] is tasks and calls[0][2] == "vmap"
+    recording(fn, tasks, "map")
+    assert len(calls) == 1
 
 
 def test_conv_grad_forms_agree_unrolled_and_mapped_and_with_the_patch_gradient():

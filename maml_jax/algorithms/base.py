@@ -15,8 +15,9 @@ plus whatever the algorithm meta-learns beside them, e.g. Meta-SGD's step sizes)
 
 Optionally, ``meta_loss(meta_params, task, step) -> (loss, metrics)``: one task's
 differentiable meta-loss, given when ``meta_grad`` is exactly its gradient (MAML, FOMAML,
-MAML++ and every ``from_meta_loss`` variant). With it, ``batched_meta_grad`` under ``vmap``
-differentiates the task-mean loss once instead of mapping per-task gradients.
+MAML++ when nothing anneals, i.e. ``first_order_iters`` 0 and ``msl_anneal_iters`` 0 or the
+multi-step loss off, and every ``from_meta_loss`` variant); ``None`` otherwise. With it,
+``batched_meta_grad`` under ``vmap`` differentiates the task-mean loss once instead of mapping per-task gradients.
 
 ``batched_meta_grad`` averages ``meta_grad`` over a task batch, and
 ``train.make_train_step_from_grads`` turns it into an optax train step, so that every

@@ -189,8 +189,9 @@ def conv4(
     ``head=False``: no ``head`` parameters and ``apply`` returns features ``[n, F·H'·W']``.
 
     Parameters: ``conv_{i}: {kernel [3, 3, C_in, F], bias [F]}`` and ``bn_{i}: {scale [F],
-    bias [F]}`` for blocks ``i = 0..3``, ``head: {kernel [F·H'·W', ways], bias [ways]}``; the
-    same tree for every ``conv_impl``.
+    bias [F]}`` for blocks ``i = 0..3``, ``head: {kernel [F·H'·W', ways], bias [ways]}``; with
+    ``bn="none"`` there are no ``bn_{i}``, with ``bn="per_step"`` they are ``{scale [S, F],
+    bias [S, F]}`` (``S = bn_steps``). The same tree for every ``conv_impl``.
     Glorot-uniform weights and zero biases (the original TF code's initialisers).
     """
     if dataset not in DATASETS:
