@@ -19,6 +19,11 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   patches (with 3 channels the transforms cost more than they save).
 * ``winofwd``: as ``wino`` for the forward values only (``winograd_primal_conv``, a custom JVP
   whose tangent is the patch convolution's, so every gradient is computed as in ``base``).
+* ``chunkconvN``: every convolution in ``lax.map`` over groups of N images (the largest divisor
+  of the batch up to N), each group's patch convolution under ``jax.checkpoint``
+  (``chunked_conv``). N = 1 is the library's ``conv_impl="patches_per_image"``, the default for
+  miniimagenet-5w1s on CPU since it was measured this way; N = 3, 5 and 15 were no faster than
+  ``base`` (``results/bench/patches_per_image_epyc512.md``).
 * ``unrolledrng``: JAX's threefry PRNG lowered on CPU with its 20 rounds unrolled, as on GPU,
   instead of the rolled ``while`` loop JAX picks for CPU (``unrolled_threefry_on_cpu``): the same
   random bits, so the same tasks.
@@ -281,6 +286,21 @@ def shift_conv(x, k, stride):
     return out.reshape(n, ho, wo, -1)
 
 
+def chunked_conv(x, k, stride, chunk):
+    """``conv4.conv3x3`` of ``x [n, H, W, C]`` in ``lax.map`` over groups of ``b`` images (``b`` the
+    largest divisor of ``n`` up to ``chunk``), each group's patch convolution under
+    ``jax.checkpoint``: the group's patch tensor (``[b·H'·W', 9·C]``) is built, used and
+    dropped while it is still in cache, and rebuilt per group for the gradients, instead of one
+    ``[n·H'·W', 9·C]`` tensor that goes out to memory and is kept for the backward pass."""
+    n = x.shape[0]
+    b = max(d for d in range(1, min(chunk, n) + 1) if n % d == 0)
+    if b == n:
+        return patch_conv(x, k, stride)
+    group = jax.checkpoint(lambda xi, k_: patch_conv(xi, k_, stride))
+    out = jax.lax.map(lambda xi: group(xi, k), x.reshape(n // b, b, *x.shape[1:]))
+    return out.reshape(n, *out.shape[2:])
+
+
 def _winograd_rows(a, axis, transform):
     """Apply a 4-tap Winograd transform along ``axis`` of ``a`` tiled with stride 2: output row
     ``r`` of tile ``t`` is ``Σ_k transform[r][k] · a[2t + k]`` (``a`` holds ``2·tiles + 2`` rows)."""
@@ -412,6 +432,9 @@ def patch(variant: str) -> None:
     elif variant in ("wino", "winofwd"):
         conv = winograd_conv if variant == "wino" else winograd_primal_conv
         conv4.conv3x3 = stride1_conv(conv, conv4.conv3x3, min_channels=8)
+    elif variant.startswith("chunkconv") and variant[9:].isdigit():
+        plain, chunk = conv4.conv3x3, int(variant[9:])
+        conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, chunk) if i == "patches" else plain(x, k, s, i)
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":

@@ -1,13 +1,16 @@
-"""Per-layer timing of the Winograd convolution against the patch convolution:
-``python experiments/winograd_layers.py [--images 75]``.
+"""Per-layer timing of the Winograd convolution and of the per-image patch convolution against
+the patch convolution: ``python experiments/winograd_layers.py [--images 75]``.
 
 For each stride-1 layer shape of the miniimagenet-5w1s conv4 (``[images, side, side, C]`` with
 32 filters: 84x84x3, 42x42x32, 21x21x32, 10x10x32; 75 images is one task's query set) it times,
 jitted, median of 5 calls after one warm-up, in ms: the forward ``conv(x, k)`` and the gradients
 of ``Σ conv(x, k)²`` in ``x`` and ``k`` together, for the library's patch convolution
-(``conv4.conv3x3``, ``"patches"``), ``speed_variants.winograd_conv`` (F(2x2, 3x3)) and
-``speed_variants.winograd_primal_conv`` (Winograd value, patch-convolution gradients). Prints a
-Markdown table. Why the variants were not kept: ``results/bench/tried_2026-12-06_winograd.md``.
+(``conv4.conv3x3``, ``"patches"``), ``speed_variants.winograd_conv`` (F(2x2, 3x3)),
+``speed_variants.winograd_primal_conv`` (Winograd value, patch-convolution gradients) and
+``conv4.conv3x3`` with ``"patches_per_image"`` (one image at a time under ``jax.checkpoint``).
+Prints a Markdown table. Why the Winograd variants were not kept:
+``results/bench/tried_2026-12-06_winograd.md``; the per-image convolution, the CPU default for
+MiniImageNet: ``results/bench/patches_per_image_epyc512.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
         "patches": lambda x, k: conv3x3(x, k, 1, "patches"),
         "winograd": winograd_conv,
         "winograd value only": winograd_primal_conv,
+        "patches per image": lambda x, k: conv3x3(x, k, 1, "patches_per_image"),
     }
     print(f"{a.images} images, 32 filters, float32, {jax.devices()[0].device_kind}; ms, median of 5")
     print("| layer | " + " | ".join(f"{n} fwd | {n} grads" for n in convs) + " |")

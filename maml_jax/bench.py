@@ -41,8 +41,10 @@ peers and the peak matmul keep every CPU.
 
 Workloads: ``sinusoid`` (MLP 1-40-40-1) and the conv4 image workloads ``omniglot-5w1s``,
 ``omniglot-20w1s``, ``miniimagenet-5w1s`` (cross-entropy). ``--conv-impl`` and ``--task-map``
-default to the fastest choice measured on a 2-core CPU (``DEFAULT_TASK_MAP``): ``patches``
-everywhere (``lax`` was 8-20x slower in every combination), ``map`` for the image workloads
+default to the fastest choice measured on a 2-core CPU (``default_conv_impl``,
+``DEFAULT_TASK_MAP``): ``patches_per_image`` for miniimagenet-5w1s (+17% over ``patches`` by the
+medians of alternated runs on an AVX-512 EPYC, ``experiments/results/bench/patches_per_image_epyc512.md``)
+and ``patches`` for the others (``lax`` was 8-20x slower in every combination), ``map`` for the image workloads
 (with per-task gradients, 1.4-1.9x the ``vmap`` rate) and ``vmap`` for the sinusoid (1.3x the
 ``map`` rate). On an NVIDIA H200 ``patches`` with ``vmap`` was the fastest of the choices
 measured (``experiments/accelerator_bench.py``; results in ``experiments/results/bench/h200``;
@@ -80,6 +82,7 @@ from maml_jax.core import batched_meta_loss
 from maml_jax.host import available_cpus, limit_cpus, request_cpu_devices
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
+from maml_jax.models.conv4 import resolve_conv_impl
 from maml_jax.precision import COMPUTE_DTYPES, with_compute_dtype
 from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
 from maml_jax.types import Batch, Task
@@ -92,8 +95,15 @@ WORKLOADS = {
     "miniimagenet-5w1s": dict(kind="miniimagenet", tasks=4, ways=5, shots=1, query=15, steps=5, alpha=0.01),
 }
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
-CONV_IMPLS = ("patches", "lax")  # first = default (fastest on a 2-core CPU)
+CONV_IMPLS = ("patches", "lax", "patches_per_image")  # first = the default off CPU and for Omniglot
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
+
+
+def default_conv_impl(name: str, backend: str | None = None) -> str:
+    """``conv4.resolve_conv_impl("auto", ...)`` for workload ``name``: ``"patches_per_image"`` for
+    miniimagenet-5w1s on the CPU backend (``backend``, default ``jax.default_backend()``),
+    ``"patches"`` otherwise: the fastest measured on each."""
+    return resolve_conv_impl("auto", WORKLOADS[name]["kind"], backend)
 
 
 def default_task_map(name: str, backend: str | None = None) -> str:
@@ -334,7 +344,7 @@ def measure(
     warmup: int,
     task_map: str | None = None,
     windows: int = 5,
-    conv_impl: str = CONV_IMPLS[0],
+    conv_impl: str | None = None,
     num_tasks: int | None = None,
     steps_per_call: int | None = None,
     cpu_devices: int | None = None,
@@ -352,6 +362,7 @@ def measure(
     before timing, as the PyTorch peers do, instead of sampling a new batch on device each step.
     ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's)."""
     task_map = task_map or default_task_map(name)
+    conv_impl = conv_impl or default_conv_impl(name)
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
@@ -366,7 +377,9 @@ def measure(
     lower_s = time.perf_counter() - t0
     compiled = lowered.compile()  # XLA: HLO passes and code generation
     compile_s = time.perf_counter() - t0
-    flops = step_flops(name, conv_impl, num_tasks)
+    # the convolutions' math, counted once: XLA's cost analysis counts a loop body once, and the
+    # per-image convolutions' recomputation for the gradients is not work the step must do
+    flops = step_flops(name, "patches" if conv_impl == "patches_per_image" else conv_impl, num_tasks)
     for _ in range(-(-warmup // steps_per_call)):
         state, metrics = compiled(state, data)
     jax.block_until_ready(state)
@@ -410,8 +423,9 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
     """``measure`` in a fresh ``python -m maml_jax.bench`` limited to ``cpus`` CPUs (the
     affinity mask must be set before JAX creates its backend, so not in this process)."""
     cmd = [sys.executable, "-m", "maml_jax.bench", "--workload", name, "--cpus", str(cpus)]
-    cmd += ["--iters", str(iters), "--warmup", str(warmup), "--conv-impl", kwargs.get("conv_impl") or CONV_IMPLS[0]]
+    cmd += ["--iters", str(iters), "--warmup", str(warmup)]
     flags = [("--task-map", "task_map"), ("--tasks", "num_tasks"), ("--steps-per-call", "steps_per_call")]
+    flags.append(("--conv-impl", "conv_impl"))
     for flag, key in [*flags, ("--cpu-devices", "cpu_devices")]:
         if kwargs.get(key) is not None:
             cmd += [flag, str(kwargs[key])]
@@ -495,7 +509,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["vmap", "map"],
         help="default: the workload's on CPU (DEFAULT_TASK_MAP), vmap on GPU/TPU",
     )
-    ap.add_argument("--conv-impl", default=CONV_IMPLS[0], choices=CONV_IMPLS, help="conv4 convolution formulation")
+    ap.add_argument(
+        "--conv-impl",
+        default=None,
+        choices=CONV_IMPLS,
+        help="conv4 convolution formulation; default: patches_per_image for miniimagenet-5w1s on CPU, "
+        "patches otherwise (default_conv_impl)",
+    )
     ap.add_argument(
         "--compute-dtype",
         default=COMPUTE_DTYPES[0],

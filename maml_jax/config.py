@@ -40,7 +40,10 @@ class Config:
     data_dir: str = ""  # "" = $MAML_JAX_DATA/<dataset> or the user cache dir
     omniglot_split: str = "paper"  # "paper" (1200 train characters) or "lake" (background/evaluation)
     rotations: bool = True  # omniglot: 90° rotations of the training characters are new classes
-    conv_impl: str = "patches"  # conv4 convolution: "patches" (im2col + matmul) or "lax"
+    # conv4 convolution (models/conv4.py): "patches" (im2col + matmul), "patches_per_image" (the same,
+    # one image at a time: faster for MiniImageNet on XLA:CPU), "lax", or "auto" (conv4.resolve_conv_impl:
+    # "patches_per_image" for MiniImageNet on the CPU backend, "patches" otherwise)
+    conv_impl: str = "patches"
     # network compute dtype: "bfloat16" runs the model in bf16 with float32 parameters, loss and
     # inner-loop accumulation (maml_jax.precision; for GPU/TPU, emulated and slower on CPU)
     compute_dtype: str = "float32"
@@ -185,8 +188,10 @@ class Config:
             raise ConfigError(f"config.model must be 'mlp' or 'conv4', got {self.model!r}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        if self.conv_impl not in ("patches", "lax"):
-            raise ConfigError(f"config.conv_impl must be 'patches' or 'lax', got {self.conv_impl!r}")
+        from maml_jax.models.conv4 import CONV_IMPLS  # here: config itself imports no JAX
+
+        if self.conv_impl not in ("auto", *CONV_IMPLS):
+            raise ConfigError(f"config.conv_impl must be 'auto' or one of {list(CONV_IMPLS)}, got {self.conv_impl!r}")
         if self.omniglot_split not in ("paper", "lake"):
             raise ConfigError(f"config.omniglot_split must be 'paper' or 'lake', got {self.omniglot_split!r}")
         per_class = DATASETS[self.dataset]

@@ -22,6 +22,7 @@ from maml_jax.data import episodes, sinusoid
 from maml_jax.evaluate import adaptation_curve, algorithm_curve, summarize_curve
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import Model, conv4, mlp
+from maml_jax.models.conv4 import resolve_conv_impl
 from maml_jax.precision import with_compute_dtype
 from maml_jax.types import Params, Task, TaskLossFn
 
@@ -53,7 +54,7 @@ def _build_float32_model(config: Config) -> Model:
     return conv4(
         config.ways,
         dataset=config.dataset,
-        conv_impl=config.conv_impl,
+        conv_impl=resolve_conv_impl(config.conv_impl, config.dataset),
         bn="per_step" if per_step else "transductive",
         bn_steps=max(config.num_inner_steps, 1) if per_step else 1,
         head=config.algorithm != "protonets",

@@ -123,6 +123,29 @@ def test_default_task_map_is_the_cpu_measurement_on_cpu_and_vmap_elsewhere():
     assert bench.default_task_map("omniglot-5w1s", "cpu") == "map"  # the measured CPU choice
 
 
+def test_default_conv_impl_is_per_image_only_for_miniimagenet_on_cpu():
+    assert bench.default_conv_impl("miniimagenet-5w1s", "cpu") == "patches_per_image"
+    for name in ("omniglot-5w1s", "omniglot-20w1s"):
+        assert bench.default_conv_impl(name, "cpu") == "patches"
+    for name in bench.WORKLOADS:
+        assert bench.default_conv_impl(name, "gpu") == bench.default_conv_impl(name, "tpu") == "patches"
+
+
+def test_a_pinned_child_gets_the_conv_impl_only_when_one_is_given(monkeypatch):
+    """Without ``--conv-impl`` the child resolves the default for its own backend."""
+    ran = []
+
+    def fake_run(cmd, **kwargs):
+        ran.append(cmd)
+        return type("Done", (), {"returncode": 0, "stdout": '{"it_per_s": 1.0}\n', "stderr": ""})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench.measure_in_child("miniimagenet-5w1s", 2, 0, 1)
+    bench.measure_in_child("miniimagenet-5w1s", 2, 0, 1, conv_impl="patches")
+    assert "--conv-impl" not in ran[0]
+    assert ran[1][ran[1].index("--conv-impl") + 1] == "patches"
+
+
 def test_measure_defaults_to_vmap_off_the_cpu(monkeypatch):
     """``measure`` without ``task_map`` takes ``default_task_map`` for the backend it runs on:
     with the backend reported as a GPU (the step itself still runs on this CPU) the Omniglot

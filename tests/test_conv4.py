@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from maml_jax import Batch, ShapeError, Task, batched_meta_loss, cross_entropy_loss, meta_loss
 from maml_jax.models import conv4
-from maml_jax.models.conv4 import CONV_IMPLS, batch_norm, conv3x3, max_pool2x2
+from maml_jax.models.conv4 import CONV_IMPLS, batch_norm, conv3x3, max_pool2x2, resolve_conv_impl
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -89,8 +89,44 @@ def test_conv3x3_patches_equals_lax_values_and_gradients(stride, size):
 
     out = compile_fast(outputs_and_grads, x, kernel)(x, kernel)
     assert out["lax"][0].shape == (2, (size - 1) // stride + 1, size // stride + 1, 4)
-    np.testing.assert_allclose(out["patches"][0], out["lax"][0], rtol=1e-12, atol=1e-12)
-    assert_close(out["patches"][1], out["lax"][1], rtol=1e-12)
+    for impl in ("patches", "patches_per_image"):
+        np.testing.assert_allclose(out[impl][0], out["lax"][0], rtol=1e-12, atol=1e-12)
+        assert_close(out[impl][1], out["lax"][1], rtol=1e-12)
+
+
+def test_patches_per_image_is_a_loop_over_the_images_with_its_patches_rematerialised():
+    """The per-image form is what its name says (a ``lax.map`` over the batch whose body is a
+    ``checkpoint``), and its forward-over-reverse derivatives (the Hessian-vector products of
+    iMAML, ``jax.jvp`` of ``jax.grad``) equal the patch convolution's."""
+    x, kernel, tangent = normal(0, (3, 9, 8, 4)), normal(1, (3, 3, 4, 5)), normal(2, (3, 3, 4, 5))
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv3x3(x, k, 1, "patches_per_image"))(x, kernel))
+    assert "scan[" in jaxpr and "remat" in jaxpr and "length=3" in jaxpr  # remat: jax.checkpoint
+
+    def hvp(impl):
+        grad = jax.grad(lambda k: jnp.sum(jnp.sin(conv3x3(x, k, 1, impl)) ** 2))
+        return jax.jvp(grad, (kernel,), (tangent,))
+
+    out = compile_fast(lambda: {impl: hvp(impl) for impl in ("patches", "patches_per_image")})()
+    assert_close(out["patches_per_image"], out["patches"], rtol=1e-12)
+    assert np.abs(flat(out["patches"][1])).max() > 1e-3  # a real second derivative, not zeros
+
+
+def test_resolve_conv_impl():
+    """``"auto"``: per image only for MiniImageNet on the CPU backend; other names pass through."""
+    assert resolve_conv_impl("auto", "miniimagenet", "cpu") == "patches_per_image"
+    assert resolve_conv_impl("auto", "omniglot", "cpu") == "patches"
+    assert (
+        resolve_conv_impl("auto", "miniimagenet", "gpu")
+        == resolve_conv_impl("auto", "miniimagenet", "tpu")
+        == "patches"
+    )
+    assert resolve_conv_impl("auto", "miniimagenet") == (
+        "patches_per_image" if jax.default_backend() == "cpu" else "patches"
+    )
+    for impl in CONV_IMPLS:
+        assert resolve_conv_impl(impl, "miniimagenet", "cpu") == impl
+    with pytest.raises(ValueError, match="conv_impl must be 'auto' or one of"):
+        resolve_conv_impl("fft", "omniglot")
 
 
 def test_batch_norm_uses_the_batch_statistics_and_max_pool_floors():
@@ -153,12 +189,14 @@ def test_impls_agree_under_vmap_with_per_task_params(dataset):
     one = lambda i: jax.tree.map(lambda a: a[i], per_task)
     apply = compile_fast(models["lax"].apply, one(0), x[0])
     loop = jnp.stack([apply(one(i), x[i]) for i in range(num_tasks)])
-    np.testing.assert_allclose(res["patches"][0], res["lax"][0], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(res["lax"][0], loop, rtol=1e-10, atol=1e-10)
-    assert_close(res["patches"][1], res["lax"][1])
+    for impl in ("patches", "patches_per_image"):
+        np.testing.assert_allclose(res[impl][0], res["lax"][0], rtol=1e-10, atol=1e-10)
+        assert_close(res[impl][1], res["lax"][1])
     # the reason for "patches" on CPU: under vmap "lax" becomes a (grouped) convolution
     jaxprs = {impl: str(jax.make_jaxpr(jax.vmap(m.apply))(per_task, x)) for impl, m in models.items()}
-    assert "conv_general_dilated" in jaxprs["lax"] and "conv_general_dilated" not in jaxprs["patches"]
+    assert "conv_general_dilated" in jaxprs["lax"]
+    assert "conv_general_dilated" not in jaxprs["patches"] + jaxprs["patches_per_image"]
 
 
 def second_order_meta_grads(dataset, device=None):
@@ -180,6 +218,7 @@ def second_order_meta_grads(dataset, device=None):
 def test_second_order_maml_meta_gradients_agree_between_impls(dataset):
     meta_grads = second_order_meta_grads(dataset)
     assert_close(meta_grads["patches"], meta_grads["lax"], rtol=1e-9)
+    assert_close(meta_grads["patches_per_image"], meta_grads["lax"], rtol=1e-9)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compares a GPU with the CPU, in float64")
@@ -221,7 +260,12 @@ def directional_check(dataset, conv_impl, num_directions=3, eps=1e-6, image=None
 
 @pytest.mark.parametrize(
     "dataset, conv_impl",
-    [("omniglot", "patches"), ("miniimagenet", "patches"), pytest.param("omniglot", "lax", marks=pytest.mark.slow)],
+    [
+        ("omniglot", "patches"),
+        ("miniimagenet", "patches"),
+        ("miniimagenet", "patches_per_image"),
+        pytest.param("omniglot", "lax", marks=pytest.mark.slow),
+    ],
 )
 def test_second_order_meta_gradient_matches_finite_differences(dataset, conv_impl):
     rows = directional_check(dataset, conv_impl)

@@ -87,6 +87,25 @@ def test_winograd_convs_match_the_patch_convolution_to_second_order(x64, shape, 
     np.testing.assert_allclose(hvp(custom, v)(k), hvp(plain, v)(k), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_chunked_conv_matches_the_patch_convolution_to_second_order(x64, chunk):
+    """Groups of the largest divisor of the 6 images up to ``chunk`` (1, 2 and 3 images here)."""
+    _, k, v = conv_problem()
+    x = jax.random.normal(jax.random.PRNGKey(4), (6, 5, 6, 3))
+    jaxpr = str(jax.make_jaxpr(lambda x_, k_: speed_variants.chunked_conv(x_, k_, 1, chunk))(x, k))
+    assert f"length={6 // min(chunk, 3)}" in jaxpr and "remat" in jaxpr
+    for stride in (1, 2):
+        conv = lambda x_, k_, s=stride: speed_variants.chunked_conv(x_, k_, s, chunk)  # noqa: E731
+        patches = lambda x_, k_, s=stride: conv3x3(x_, k_, s, "patches")  # noqa: E731
+        np.testing.assert_allclose(conv(x, k), patches(x, k), rtol=1e-12, atol=1e-12)
+    custom, plain = (
+        two_layer_loss(lambda x_, k_: speed_variants.chunked_conv(x_, k_, 1, chunk), x),
+        two_layer_loss(lambda x_, k_: conv3x3(x_, k_, 1, "patches"), x),
+    )
+    np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(plain)(k), rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(hvp(custom, v)(k), hvp(plain, v)(k), rtol=1e-9, atol=1e-10)
+
+
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):
     a = jax.random.normal(jax.random.PRNGKey(0), (150, 6))
     g = jax.random.normal(jax.random.PRNGKey(1), (150, 4))
@@ -285,7 +304,7 @@ def test_winograd_layers_prints_a_row_per_layer(monkeypatch, capsys):
     load("winograd_layers").main()
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d+x\d+x\d+ \|", line)]
     assert [r.split(" | ")[0] for r in rows] == ["| 84x84x3", "| 42x42x32", "| 21x21x32", "| 10x10x32"]
-    assert all(len(r.split(" | ")) == 7 and float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
+    assert all(len(r.split(" | ")) == 9 and float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
 
 
 UNROLLED_RNG_CHECK = """

@@ -116,3 +116,9 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"config.inner_lr must be finite and >= 0"):
         apply_overrides(Config(), {"inner_lr": "nan"})
     assert apply_overrides(Config(), {"eval_shots": "5,10", "first_order": "true"}).eval_shots == (5, 10)
+    with pytest.raises(
+        ConfigError, match=r"config.conv_impl must be 'auto' or one of \['lax', 'patches', 'patches_per_image'\]"
+    ):
+        apply_overrides(Config(), {"conv_impl": "fft"})
+    for impl in ("auto", "patches_per_image"):
+        assert apply_overrides(Config(), {"conv_impl": impl}).conv_impl == impl
