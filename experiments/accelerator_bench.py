@@ -4,7 +4,8 @@
         [--workloads ...] [--deadline-s S] [--peak-size 8192]
 
 On a 2-core CPU the benchmark's defaults were chosen by measurement (``patches``
-convolutions, ``lax.map`` over the task batch for the images). On a GPU or TPU the fastest
+convolutions, one image at a time for MiniImageNet, ``lax.map`` over the task batch for the
+images). On a GPU or TPU the fastest
 choice can differ, so this script times each workload (``bench.measure``: the compiled
 second-order train step with Adam, tasks sampled on device each step, ``steps_per_call`` steps
 fused per call) under each config ``CONV/TASK_MAP/PRECISION/DTYPE``:

@@ -1,7 +1,7 @@
 """Peak memory and time of one omniglot-5w1s meta-step versus the number of inner steps.
 
     python experiments/memory_vs_steps.py [--steps 1,5,10,25,50] [--variants ...] [--task-map vmap|map]
-        [--conv-impl patches|lax] [--json]
+        [--conv-impl patches|lax|patches_per_image] [--json]
 
 For each variant and K, compiles the train step of ``maml_jax.bench``'s ``omniglot-5w1s``
 workload (conv4, 32 tasks, 5 support + 75 query images 28x28, Adam; second order unless

@@ -21,9 +21,11 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   whose tangent is the patch convolution's, so every gradient is computed as in ``base``).
 * ``chunkconvN``: every convolution in ``lax.map`` over groups of N images (the largest divisor
   of the batch up to N), each group's patch convolution under ``jax.checkpoint``
-  (``chunked_conv``). N = 1 is the library's ``conv_impl="patches_per_image"``, the default for
-  miniimagenet-5w1s on CPU since it was measured this way; N = 3, 5 and 15 were no faster than
-  ``base`` (``results/bench/patches_per_image_epyc512.md``).
+  (``chunked_conv``), in place of either patch form. N = 1 is the library's
+  ``conv_impl="patches_per_image"``, the default for miniimagenet-5w1s on CPU since it was
+  measured this way (so ``base`` is that now; pass ``--conv-impl patches`` for the plain patch
+  convolution); N = 3 was no faster than ``patches`` on miniimagenet-5w1s, N = 5 and 15 not on
+  omniglot-5w1s (``results/bench/patches_per_image_epyc512.md``).
 * ``unrolledrng``: JAX's threefry PRNG lowered on CPU with its 20 rounds unrolled, as on GPU,
   instead of the rolled ``while`` loop JAX picks for CPU (``unrolled_threefry_on_cpu``): the same
   random bits, so the same tasks.
@@ -434,7 +436,8 @@ def patch(variant: str) -> None:
         conv4.conv3x3 = stride1_conv(conv, conv4.conv3x3, min_channels=8)
     elif variant.startswith("chunkconv") and variant[9:].isdigit():
         plain, chunk = conv4.conv3x3, int(variant[9:])
-        conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, chunk) if i == "patches" else plain(x, k, s, i)
+        patch_forms = ("patches", "patches_per_image")
+        conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, chunk) if i in patch_forms else plain(x, k, s, i)
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":
@@ -487,7 +490,9 @@ def main() -> None:
     ap.add_argument("variant")
     ap.add_argument("workload", choices=sorted(bench.WORKLOADS))
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--conv-impl", choices=bench.CONV_IMPLS, default=bench.CONV_IMPLS[0])
+    ap.add_argument(
+        "--conv-impl", choices=bench.CONV_IMPLS, default=None, help="default: the bench's (default_conv_impl)"
+    )
     ap.add_argument("--cpu-devices", type=int, default=1, help="CPU devices the task batch is split over")
     a = ap.parse_args()
     request_cpu_devices(a.cpu_devices)

@@ -322,7 +322,9 @@ def step_flops(name: str, conv_impl: str = CONV_IMPLS[0], num_tasks: int | None 
     same work (its forward and backward on the support set and, second order, their
     derivative in the meta-gradient), so the count is linear in K:
     ``F(K) = F(0) + K·(F(1) − F(0))`` with F(0) and F(1) counted exactly (with K ≤ 1 the
-    scan is empty)."""
+    scan is empty). ``patches_per_image`` is counted as ``patches``: the same convolutions, whose
+    per-image loop XLA would count once (its recomputation for the gradients is not counted)."""
+    conv_impl = "patches" if conv_impl == "patches_per_image" else conv_impl
     k = WORKLOADS[name]["steps"]
     if k <= 1:
         return xla_step_flops(name, conv_impl, num_tasks)
@@ -377,9 +379,7 @@ def measure(
     lower_s = time.perf_counter() - t0
     compiled = lowered.compile()  # XLA: HLO passes and code generation
     compile_s = time.perf_counter() - t0
-    # the convolutions' math, counted once: XLA's cost analysis counts a loop body once, and the
-    # per-image convolutions' recomputation for the gradients is not work the step must do
-    flops = step_flops(name, "patches" if conv_impl == "patches_per_image" else conv_impl, num_tasks)
+    flops = step_flops(name, conv_impl, num_tasks)
     for _ in range(-(-warmup // steps_per_call)):
         state, metrics = compiled(state, data)
     jax.block_until_ready(state)

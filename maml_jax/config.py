@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+from maml_jax.models.conv4 import CONV_IMPLS
+
 
 class ConfigError(ValueError):
     """A config key is unknown, mistyped or out of range."""
@@ -188,8 +190,6 @@ class Config:
             raise ConfigError(f"config.model must be 'mlp' or 'conv4', got {self.model!r}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        from maml_jax.models.conv4 import CONV_IMPLS  # here: config itself imports no JAX
-
         if self.conv_impl not in ("auto", *CONV_IMPLS):
             raise ConfigError(f"config.conv_impl must be 'auto' or one of {list(CONV_IMPLS)}, got {self.conv_impl!r}")
         if self.omniglot_split not in ("paper", "lake"):

@@ -78,12 +78,15 @@ def write_run_metadata(
     seed: int,
     task_devices: list[str] | None = None,
     task_map: str | None = None,
+    conv_impl: str | None = None,
 ) -> None:
     """``config.json``, and ``run.json`` plus one line of ``sessions.jsonl`` for this start:
     seed, command, commit, versions, the visible devices and CPUs, ``XLA_FLAGS``, the compilation
     cache directory (``None`` without one), ``task_devices``, the
     devices the task batch is split over (default the first device), and ``task_map``, the task
-    map the config's resolves to on this backend (``"auto"`` → ``"map"`` or ``"vmap"``)."""
+    map the config's resolves to on this backend (``"auto"`` → ``"map"`` or ``"vmap"``), and
+    ``conv_impl``, the conv4 convolution it resolves to (``"auto"`` → ``models.conv4.resolve_conv_impl``;
+    ``None`` for the MLP)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", config_dict)
@@ -96,6 +99,7 @@ def write_run_metadata(
         "devices": [str(d) for d in jax.devices()],
         "task_devices": task_devices if task_devices is not None else [str(jax.devices()[0])],
         "task_map": task_map,
+        "conv_impl": conv_impl,
         "cpus": available_cpus(),  # the affinity mask (maml-jax train --cpus)
         "platform": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS"),  # e.g. an LLVM optimisation level, which may change the bits

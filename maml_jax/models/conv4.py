@@ -22,7 +22,7 @@ equal it computes exactly what ``bn="transductive"`` does. ``bn="none"`` drops t
 ``head=False`` drops the linear head: ``apply`` returns the flattened features ``[n, F·H'·W']``
 (the embedding of Prototypical Networks).
 
-``conv_impl`` picks how a convolution is expressed; both give the same numbers:
+``conv_impl`` picks how a convolution is expressed; all three give the same numbers:
 
 * ``"lax"``: ``lax.conv_general_dilated``. Under ``jax.vmap`` with per-task weights it becomes
   a grouped convolution, which XLA:CPU runs slowly; on an NVIDIA H200 (cuDNN) the benchmark's
@@ -36,9 +36,8 @@ equal it computes exactly what ``bn="transductive"`` does. ``bn="none"`` drops t
   instead of one ``[n·H'·W', 9·C]`` matrix (152 MB for 75 images at 42x42x32) that is written
   out to memory and kept for the backward pass. Faster on XLA:CPU for MiniImageNet's large
   stride-1 layers (miniimagenet-5w1s +17% by the medians of 6 alternated pairs on an AVX-512 EPYC;
-  README, Speed),
-  slower for Omniglot's small strided ones, where a loop step per image costs more than the
-  copying it saves. Not for GPUs or TPUs (a sequential loop over the images).
+  README, Speed), slower for Omniglot's small strided ones, where a loop step per image costs
+  more than the copying it saves. Not for GPUs or TPUs (a sequential loop over the images).
 
 ``resolve_conv_impl(conv_impl, dataset)`` turns a config's ``"auto"`` into the choice measured
 fastest for the dataset and backend.
@@ -76,8 +75,11 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int, impl: ConvImpl) -> jax
             x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
     if impl == "patches_per_image":
-        one = jax.checkpoint(lambda image, k: _patch_conv(image[None], k, stride)[0])
-        return jax.lax.map(lambda image: one(image, kernel), x)
+        # the kernel enters the loop at least float32, so that its gradient, summed over the images
+        # by the loop's transpose, accumulates in float32 even when the network computes in bf16
+        wide = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
+        one = jax.checkpoint(lambda image, k: _patch_conv(image[None], k.astype(image.dtype), stride)[0])
+        return jax.lax.map(lambda image: one(image, wide), x)
     return _patch_conv(x, kernel, stride)
 
 
