@@ -122,7 +122,7 @@ def profile(name: str, steps: int, by_instruction: bool = False) -> dict[str, fl
     chunk's compiled HLO text."""
     per_call = bench.DEFAULT_STEPS_PER_CALL[bench.WORKLOADS[name]["kind"]]
     calls = -(-steps // per_call)
-    conv_impl = bench.default_conv_impl(name)
+    conv_impl = bench.default_conv_impl(name, cpu_devices=1)  # the chunk below runs on one device
     chunk, state, _, _ = bench.build_chunk(name, bench.default_task_map(name), per_call, conv_impl)
     hlo = chunk.lower(state, None).compile().as_text() if by_instruction else ""
     for _ in range(2):

@@ -99,11 +99,14 @@ CONV_IMPLS = ("patches", "lax", "patches_per_image")  # first = the default off 
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
 
 
-def default_conv_impl(name: str, backend: str | None = None) -> str:
-    """``conv4.resolve_conv_impl("auto", ...)`` for workload ``name``: ``"patches_per_image"`` for
-    miniimagenet-5w1s on the CPU backend (``backend``, default ``jax.default_backend()``),
+def default_conv_impl(name: str, backend: str | None = None, cpu_devices: int | None = None) -> str:
+    """``conv4.resolve_conv_impl("auto", ...)`` for workload ``name`` split over ``cpu_devices``
+    (default ``DEFAULT_CPU_DEVICES``): ``"patches_per_image"`` for miniimagenet-5w1s on the CPU
+    backend (``backend``, default ``jax.default_backend()``) over two or more CPU devices,
     ``"patches"`` otherwise: the fastest measured on each."""
-    return resolve_conv_impl("auto", WORKLOADS[name]["kind"], backend)
+    kind = WORKLOADS[name]["kind"]
+    devices = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
+    return resolve_conv_impl("auto", kind, backend, devices)
 
 
 def default_task_map(name: str, backend: str | None = None) -> str:
@@ -364,11 +367,11 @@ def measure(
     before timing, as the PyTorch peers do, instead of sampling a new batch on device each step.
     ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's)."""
     task_map = task_map or default_task_map(name)
-    conv_impl = conv_impl or default_conv_impl(name)
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
     n_dev = DEFAULT_CPU_DEVICES[kind] if cpu_devices is None else cpu_devices
     n_dev = min(n_dev, jax.device_count()) if jax.default_backend() == "cpu" else 1
+    conv_impl = conv_impl or default_conv_impl(name, cpu_devices=n_dev)
     check_task_split(name, num_tasks, n_dev)
     chunk, state, tasks, _ = build_chunk(
         name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks, compute_dtype
@@ -513,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         "--conv-impl",
         default=None,
         choices=CONV_IMPLS,
-        help="conv4 convolution formulation; default: patches_per_image for miniimagenet-5w1s on CPU, "
-        "patches otherwise (default_conv_impl)",
+        help="conv4 convolution formulation; default: patches_per_image for miniimagenet-5w1s on two or more "
+        "CPU devices, patches otherwise (default_conv_impl)",
     )
     ap.add_argument(
         "--compute-dtype",

@@ -43,8 +43,9 @@ class Config:
     omniglot_split: str = "paper"  # "paper" (1200 train characters) or "lake" (background/evaluation)
     rotations: bool = True  # omniglot: 90° rotations of the training characters are new classes
     # conv4 convolution (models/conv4.py): "patches" (im2col + matmul), "patches_per_image" (the same,
-    # one image at a time: faster for MiniImageNet on XLA:CPU), "lax", or "auto" (conv4.resolve_conv_impl:
-    # "patches_per_image" for MiniImageNet on the CPU backend, "patches" otherwise)
+    # one image at a time: faster for MiniImageNet over two XLA:CPU devices), "lax", or "auto"
+    # (conv4.resolve_conv_impl: "patches_per_image" for MiniImageNet on the CPU backend with the
+    # tasks split over two or more devices, "patches" otherwise)
     conv_impl: str = "patches"
     # network compute dtype: "bfloat16" runs the model in bf16 with float32 parameters, loss and
     # inner-loop accumulation (maml_jax.precision; for GPU/TPU, emulated and slower on CPU)

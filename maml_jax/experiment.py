@@ -379,7 +379,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     task_devices = [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])]
     primary = is_primary()  # in a multi-process job only process 0 writes files (all write checkpoints)
     if primary:
-        conv_impl = resolve_conv_impl(config.conv_impl, config.dataset) if config.model == "conv4" else None
+        conv_impl = None
+        if config.model == "conv4":
+            conv_impl = resolve_conv_impl(config.conv_impl, config.dataset, task_devices=len(task_devices))
         rundir.write_run_metadata(
             workdir, config.to_dict(), config.seed, task_devices, resolve_task_map(config.task_map), conv_impl
         )

@@ -40,6 +40,11 @@ class TaskFamily(NamedTuple):
     metric: str  # the headline metric: "mse" (lower is better) or "accuracy"
 
 
+def task_devices(config: Config) -> int:
+    """How many devices a run of ``config`` splits its task batch over (``num_devices``, 0 = all)."""
+    return config.num_devices or jax.device_count()
+
+
 def build_model(config: Config) -> Model:
     """The network a config names: the sinusoid MLP or the paper's conv4, computing in
     ``config.compute_dtype`` (float32 parameters and outputs either way)."""
@@ -54,7 +59,7 @@ def _build_float32_model(config: Config) -> Model:
     return conv4(
         config.ways,
         dataset=config.dataset,
-        conv_impl=resolve_conv_impl(config.conv_impl, config.dataset),
+        conv_impl=resolve_conv_impl(config.conv_impl, config.dataset, task_devices=task_devices(config)),
         bn="per_step" if per_step else "transductive",
         bn_steps=max(config.num_inner_steps, 1) if per_step else 1,
         head=config.algorithm != "protonets",

@@ -123,8 +123,10 @@ def test_default_task_map_is_the_cpu_measurement_on_cpu_and_vmap_elsewhere():
     assert bench.default_task_map("omniglot-5w1s", "cpu") == "map"  # the measured CPU choice
 
 
-def test_default_conv_impl_is_per_image_only_for_miniimagenet_on_cpu():
+def test_default_conv_impl_is_per_image_only_for_miniimagenet_on_two_cpu_devices():
+    assert bench.DEFAULT_CPU_DEVICES["miniimagenet"] == 2
     assert bench.default_conv_impl("miniimagenet-5w1s", "cpu") == "patches_per_image"
+    assert bench.default_conv_impl("miniimagenet-5w1s", "cpu", cpu_devices=1) == "patches"
     for name in ("omniglot-5w1s", "omniglot-20w1s"):
         assert bench.default_conv_impl(name, "cpu") == "patches"
     for name in bench.WORKLOADS:

@@ -131,17 +131,16 @@ def test_patches_per_image_sums_a_bf16_kernel_gradient_in_float32():
 
 
 def test_resolve_conv_impl():
-    """``"auto"``: per image only for MiniImageNet on the CPU backend; other names pass through."""
-    assert resolve_conv_impl("auto", "miniimagenet", "cpu") == "patches_per_image"
-    assert resolve_conv_impl("auto", "omniglot", "cpu") == "patches"
-    assert (
-        resolve_conv_impl("auto", "miniimagenet", "gpu")
-        == resolve_conv_impl("auto", "miniimagenet", "tpu")
-        == "patches"
-    )
-    assert resolve_conv_impl("auto", "miniimagenet") == (
-        "patches_per_image" if jax.default_backend() == "cpu" else "patches"
-    )
+    """``"auto"``: per image only for MiniImageNet on the CPU backend with the tasks split over two
+    or more devices; other names pass through."""
+    assert resolve_conv_impl("auto", "miniimagenet", "cpu", task_devices=2) == "patches_per_image"
+    assert resolve_conv_impl("auto", "miniimagenet", "cpu", task_devices=4) == "patches_per_image"
+    assert resolve_conv_impl("auto", "miniimagenet", "cpu") == "patches"  # one device: per image was slower
+    assert resolve_conv_impl("auto", "omniglot", "cpu", task_devices=2) == "patches"
+    for backend in ("gpu", "tpu"):
+        assert resolve_conv_impl("auto", "miniimagenet", backend, task_devices=2) == "patches"
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_conv_impl("auto", "miniimagenet", task_devices=2) == ("patches_per_image" if on_cpu else "patches")
     for impl in CONV_IMPLS:
         assert resolve_conv_impl(impl, "miniimagenet", "cpu") == impl
     with pytest.raises(ValueError, match="conv_impl must be 'auto' or one of"):

@@ -35,12 +35,14 @@ equal it computes exactly what ``bn="transductive"`` does. ``bn="none"`` drops t
   is built, multiplied and dropped while it is still in cache, and rebuilt for the gradients,
   instead of one ``[n·H'·W', 9·C]`` matrix (152 MB for 75 images at 42x42x32) that is written
   out to memory and kept for the backward pass. Faster on XLA:CPU for MiniImageNet's large
-  stride-1 layers (miniimagenet-5w1s +17% by the medians of 6 alternated pairs on an AVX-512 EPYC;
-  README, Speed), slower for Omniglot's small strided ones, where a loop step per image costs
+  stride-1 layers with the tasks split over two CPU devices (miniimagenet-5w1s +17% by the medians
+  of 6 alternated pairs on an AVX-512 EPYC; 3-9% slower on one device; README, Speed), slower for
+  Omniglot's small strided ones, where a loop step per image costs
   more than the copying it saves. Not for GPUs or TPUs (a sequential loop over the images).
 
-``resolve_conv_impl(conv_impl, dataset)`` turns a config's ``"auto"`` into the choice measured
-fastest for the dataset and backend.
+``resolve_conv_impl(conv_impl, dataset, backend, task_devices)`` turns a config's ``"auto"`` into
+the choice measured fastest for the dataset, backend and number of devices the tasks are split over
+(per image only with two or more CPU devices: with one it was slower).
 """
 
 from __future__ import annotations
@@ -90,13 +92,16 @@ def _patch_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return (patches.reshape(n * ho * wo, k) @ kernel.reshape(k, -1)).reshape(n, ho, wo, -1)
 
 
-def resolve_conv_impl(conv_impl: str, dataset: str, backend: str | None = None) -> ConvImpl:
+def resolve_conv_impl(conv_impl: str, dataset: str, backend: str | None = None, task_devices: int = 1) -> ConvImpl:
     """``conv_impl`` itself, or for ``"auto"``: ``"patches_per_image"`` for ``miniimagenet`` on the
-    CPU backend (``backend``, default ``jax.default_backend()``), ``"patches"`` otherwise (Omniglot
-    everywhere; every dataset on a GPU or TPU)."""
+    CPU backend (``backend``, default ``jax.default_backend()``) with the task batch split over
+    ``task_devices`` >= 2 XLA CPU devices, ``"patches"`` otherwise: Omniglot everywhere, every
+    dataset on a GPU or TPU, and MiniImageNet on one CPU device, where per image was 3-9% slower
+    in 3 alternated pairs (``experiments/results/bench/patches_per_image_epyc512.md``)."""
     if conv_impl == "auto":
         on_cpu = (backend or jax.default_backend()) == "cpu"
-        return "patches_per_image" if on_cpu and dataset == "miniimagenet" else "patches"
+        split = task_devices >= 2
+        return "patches_per_image" if on_cpu and split and dataset == "miniimagenet" else "patches"
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be 'auto' or one of {list(CONV_IMPLS)}, got {conv_impl!r}")
     return conv_impl
