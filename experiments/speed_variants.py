@@ -212,13 +212,6 @@ def two_step_transpose(a):
     return blocks.transpose(1, 0, 2).reshape(cols, rows)
 
 
-def patch_conv(x, k, stride):
-    """The library's patch convolution (``conv4.conv3x3`` with ``"patches"``) by its parts,
-    ``conv4.patches3x3`` and one matmul: ``conv4.conv3x3`` itself is the name the variants replace."""
-    p = conv4.patches3x3(x, stride)
-    return (p.reshape(-1, p.shape[-1]) @ k.reshape(p.shape[-1], -1)).reshape(*p.shape[:3], -1)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def transposed_kgrad_conv(x, k, stride, build):
     """``conv4.conv3x3`` (patches) whose tangent in the kernel is ``dot_general(P_T, dk)``
@@ -227,7 +220,7 @@ def transposed_kgrad_conv(x, k, stride, build):
     contracted on its last axis) instead of contracting the rows of ``P``. ``build``: ``"patches"``
     (``two_step_transpose`` of the patch matrix) or ``"input"`` (``patches_transposed``). A
     ``custom_jvp``, so forward mode (iMAML) still works."""
-    return patch_conv(x, k, stride)
+    return conv4.patch_conv(x, k, stride)
 
 
 def _transposed_kgrad_conv_jvp(stride, build, primals, tangents):
@@ -297,8 +290,8 @@ def chunked_conv(x, k, stride, chunk):
     n = x.shape[0]
     b = max(d for d in range(1, min(chunk, n) + 1) if n % d == 0)
     if b == n:
-        return patch_conv(x, k, stride)
-    group = jax.checkpoint(lambda xi, k_: patch_conv(xi, k_, stride))
+        return conv4.patch_conv(x, k, stride)
+    group = jax.checkpoint(lambda xi, k_: conv4.patch_conv(xi, k_, stride))
     out = jax.lax.map(lambda xi: group(xi, k), x.reshape(n // b, b, *x.shape[1:]))
     return out.reshape(n, *out.shape[2:])
 
@@ -347,7 +340,7 @@ def winograd_primal_conv(x, k):
 @winograd_primal_conv.defjvp
 def _winograd_primal_conv_jvp(primals, tangents):
     (x, k), (dx, dk) = primals, tangents
-    return winograd_primal_conv(x, k), patch_conv(dx, k, 1) + patch_conv(x, dk, 1)
+    return winograd_primal_conv(x, k), conv4.patch_conv(dx, k, 1) + conv4.patch_conv(x, dk, 1)
 
 
 def unrolled_threefry_on_cpu() -> None:

@@ -36,9 +36,8 @@ from maml_jax.evaluate import adaptation_curve, algorithm_curve
 from maml_jax.host import is_primary
 from maml_jax.losses import cross_entropy_loss
 from maml_jax.models import Model
-from maml_jax.models.conv4 import resolve_conv_impl
 from maml_jax.signals import stop_signal_handler
-from maml_jax.task_families import TaskFamily, build_model, build_task_family
+from maml_jax.task_families import TaskFamily, build_model, build_task_family, resolved_conv_impl
 from maml_jax.train import (
     NonFiniteLossError,
     TrainState,
@@ -379,9 +378,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     task_devices = [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])]
     primary = is_primary()  # in a multi-process job only process 0 writes files (all write checkpoints)
     if primary:
-        conv_impl = None
-        if config.model == "conv4":
-            conv_impl = resolve_conv_impl(config.conv_impl, config.dataset, task_devices=len(task_devices))
+        conv_impl = resolved_conv_impl(config) if config.model == "conv4" else None
         rundir.write_run_metadata(
             workdir, config.to_dict(), config.seed, task_devices, resolve_task_map(config.task_map), conv_impl
         )

@@ -40,9 +40,10 @@ class TaskFamily(NamedTuple):
     metric: str  # the headline metric: "mse" (lower is better) or "accuracy"
 
 
-def task_devices(config: Config) -> int:
-    """How many devices a run of ``config`` splits its task batch over (``num_devices``, 0 = all)."""
-    return config.num_devices or jax.device_count()
+def resolved_conv_impl(config: Config) -> str:
+    """The conv4 convolution a run of ``config`` uses: ``config.conv_impl`` with ``"auto"`` resolved
+    for this backend and the devices the task batch is split over (``num_devices``, 0 = all)."""
+    return resolve_conv_impl(config.conv_impl, config.dataset, task_devices=config.num_devices or jax.device_count())
 
 
 def build_model(config: Config) -> Model:
@@ -59,7 +60,7 @@ def _build_float32_model(config: Config) -> Model:
     return conv4(
         config.ways,
         dataset=config.dataset,
-        conv_impl=resolve_conv_impl(config.conv_impl, config.dataset, task_devices=task_devices(config)),
+        conv_impl=resolved_conv_impl(config),
         bn="per_step" if per_step else "transductive",
         bn_steps=max(config.num_inner_steps, 1) if per_step else 1,
         head=config.algorithm != "protonets",

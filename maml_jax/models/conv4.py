@@ -80,13 +80,14 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int, impl: ConvImpl) -> jax
         # the kernel enters the loop at least float32, so that its gradient, summed over the images
         # by the loop's transpose, accumulates in float32 even when the network computes in bf16
         wide = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
-        one = jax.checkpoint(lambda image, k: _patch_conv(image[None], k.astype(image.dtype), stride)[0])
+        one = jax.checkpoint(lambda image, k: patch_conv(image[None], k.astype(image.dtype), stride)[0])
         return jax.lax.map(lambda image: one(image, wide), x)
-    return _patch_conv(x, kernel, stride)
+    return patch_conv(x, kernel, stride)
 
 
-def _patch_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """``conv3x3`` as one matmul of ``patches3x3(x) [n·H'·W', 9·C]`` with ``kernel [9·C, F]``."""
+def patch_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """``conv3x3`` as one matmul of ``patches3x3(x) [n·H'·W', 9·C]`` with ``kernel [9·C, F]``
+    (what ``"patches"`` runs; ``"patches_per_image"`` runs it per image)."""
     patches = patches3x3(x, stride)
     n, ho, wo, k = patches.shape
     return (patches.reshape(n * ho * wo, k) @ kernel.reshape(k, -1)).reshape(n, ho, wo, -1)
