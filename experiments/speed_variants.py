@@ -26,6 +26,17 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   measured this way (so ``base`` is that now; pass ``--conv-impl patches`` for the plain patch
   convolution); N = 3 was no faster than ``patches`` on miniimagenet-5w1s, N = 5 and 15 not on
   omniglot-5w1s (``results/bench/patches_per_image_epyc512.md``).
+* ``chunkkbN``: as ``chunkconvN``, but each layer's group is the most images whose patch matrix
+  fits in N KiB (``budget_chunk``), so that the small late layers run in larger groups than the
+  first two (``chunkkb1024``: 1 image at 84x84x3 and 42x42x32, 2 at 21x21x32, 9 at 10x10x32,
+  rounded down to a divisor of the batch). ``chunkkb2048`` was 7% slower than ``chunkconv1`` on
+  miniimagenet-5w1s (``results/bench/zen3_miniimagenet_ab.md``).
+* ``fusedblock``: every conv4 block (conv → transductive BatchNorm → ReLU → pool) one image at a
+  time (``per_image_block``, ``PerImageConv4``): the BatchNorm statistics from a first map over
+  the images, then each image's convolution recomputed, normalised, rectified and pooled in a
+  second, so that no block's full-size activations are written out whole. 38% slower than
+  ``chunkconv1`` on miniimagenet-5w1s (same file).
+* ``nocse``: ``chunkconv1`` with ``jax.checkpoint(..., prevent_cse=False)``; 5% slower (same file).
 * ``unrolledrng``: JAX's threefry PRNG lowered on CPU with its 20 rounds unrolled, as on GPU,
   instead of the rolled ``while`` loop JAX picks for CPU (``unrolled_threefry_on_cpu``): the same
   random bits, so the same tasks.
@@ -281,19 +292,29 @@ def shift_conv(x, k, stride):
     return out.reshape(n, ho, wo, -1)
 
 
-def chunked_conv(x, k, stride, chunk):
+def chunked_conv(x, k, stride, chunk, prevent_cse=True):
     """``conv4.conv3x3`` of ``x [n, H, W, C]`` in ``lax.map`` over groups of ``b`` images (``b`` the
     largest divisor of ``n`` up to ``chunk``), each group's patch convolution under
     ``jax.checkpoint``: the group's patch tensor (``[b·H'·W', 9·C]``) is built, used and
     dropped while it is still in cache, and rebuilt per group for the gradients, instead of one
-    ``[n·H'·W', 9·C]`` tensor that goes out to memory and is kept for the backward pass."""
+    ``[n·H'·W', 9·C]`` tensor that goes out to memory and is kept for the backward pass.
+    ``prevent_cse=False`` drops the checkpoint's optimisation barriers (JAX documents that as safe
+    inside a loop such as ``lax.map``)."""
     n = x.shape[0]
     b = max(d for d in range(1, min(chunk, n) + 1) if n % d == 0)
     if b == n:
         return conv4.patch_conv(x, k, stride)
-    group = jax.checkpoint(lambda xi, k_: conv4.patch_conv(xi, k_, stride))
+    group = jax.checkpoint(lambda xi, k_: conv4.patch_conv(xi, k_, stride), prevent_cse=prevent_cse)
     out = jax.lax.map(lambda xi: group(xi, k), x.reshape(n // b, b, *x.shape[1:]))
     return out.reshape(n, *out.shape[2:])
+
+
+def budget_chunk(x_shape: tuple[int, ...], stride: int, budget_bytes: int, itemsize: int = 4) -> int:
+    """The most images of ``x [n, H, W, C]`` whose ``[b·H'·W', 9·C]`` patch matrix fits in
+    ``budget_bytes`` (at least 1): ``chunkkbN``'s group size, chosen per layer."""
+    _, h, w, c = x_shape
+    one = ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * 9 * c * itemsize
+    return max(1, budget_bytes // one)
 
 
 def _winograd_rows(a, axis, transform):
@@ -360,6 +381,73 @@ def one_pass_batch_norm(x, scale, bias, eps=conv4.BN_EPS):
     mean = jnp.mean(x, axis=(0, 1, 2))
     var = jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean)
     return (x - mean) * (scale * jax.lax.rsqrt(var + eps)) + bias
+
+
+def per_image_block(x, kernel, conv_bias, scale, bias, stride: int, pool: bool, eps: float = conv4.BN_EPS):
+    """One conv4 block, conv 3x3 (+ bias) → transductive BatchNorm → ReLU (→ 2x2 max-pool), of
+    ``x [n, H, W, C]`` one image at a time, so that the block's full-size activations
+    ``[n, H', W', F]`` are never written out whole: a first ``lax.map`` over the images gives each
+    image's channel means and summed squared deviations ``[n, F]``, combined into the batch's
+    (Chan et al.'s pairwise formula: ``var = (Σ M2ᵢ + Σ cᵢ (meanᵢ − mean)²) / N``); a second
+    recomputes each image's convolution and normalises, rectifies and pools it. Both maps'
+    bodies are under ``jax.checkpoint``, so the backward pass recomputes per image too.
+    ``→ [n, H'', W'', F]``, the same as the layered block up to float rounding."""
+    n = x.shape[0]
+
+    def conv_one(image, k, b):
+        return conv4.patch_conv(image[None], k, stride)[0] + b  # [H', W', F]
+
+    def moments(image, k, b):
+        y = conv_one(image, k, b)
+        m = jnp.mean(y, axis=(0, 1))
+        return m, jnp.sum(jnp.square(y - m), axis=(0, 1))
+
+    def block(image, k, b, mean, mult, shift):
+        z = jax.nn.relu((conv_one(image, k, b) - mean) * mult + shift)
+        return conv4.max_pool2x2(z[None])[0] if pool else z
+
+    stats, body = jax.checkpoint(moments), jax.checkpoint(block)
+    means, m2s = jax.lax.map(lambda image: stats(image, kernel, conv_bias), x)
+    count = (x.shape[1] - 1) // stride + 1
+    count = count * ((x.shape[2] - 1) // stride + 1)
+    mean = jnp.mean(means, axis=0)
+    var = (jnp.sum(m2s, axis=0) + count * jnp.sum(jnp.square(means - mean), axis=0)) / (n * count)
+    mult = scale * jax.lax.rsqrt(var + eps)
+    return jax.lax.map(lambda image: body(image, kernel, conv_bias, mean, mult, bias), x)
+
+
+class _NamedParams(nn.Module):
+    """Parameters ``(name, initializer, shape)`` under this module's name, returned in order."""
+
+    specs: tuple
+
+    @nn.compact
+    def __call__(self):
+        return tuple(self.param(name, init, shape) for name, init, shape in self.specs)
+
+
+class PerImageConv4(conv4._Conv4):
+    """``conv4._Conv4`` (transductive BN, float32) with every block as ``per_image_block``: the same
+    fields, parameter tree and function, for the ``fusedblock`` variant."""
+
+    @nn.compact
+    def __call__(self, x, step=0):
+        if self.bn != "transductive":
+            raise ValueError("fusedblock needs bn='transductive'")
+        for i in range(4):
+            xavier, zeros, ones = nn.initializers.xavier_uniform(), nn.initializers.zeros, nn.initializers.ones
+            kernel, conv_bias = _NamedParams(
+                (("kernel", xavier, (3, 3, x.shape[-1], self.filters)), ("bias", zeros, (self.filters,))),
+                name=f"conv_{i}",
+            )()
+            scale, bias = _NamedParams(
+                (("scale", ones, (self.filters,)), ("bias", zeros, (self.filters,))), name=f"bn_{i}"
+            )()
+            x = per_image_block(x, kernel, conv_bias, scale, bias, self.stride, self.pool)
+        x = x.reshape(x.shape[0], -1)
+        if not self.head:
+            return x
+        return nn.Dense(self.ways, kernel_init=nn.initializers.xavier_uniform(), name="head")(x)
 
 
 def _one_draw_mlp_tasks(key, w):
@@ -431,6 +519,22 @@ def patch(variant: str) -> None:
         plain, chunk = conv4.conv3x3, int(variant[9:])
         patch_forms = ("patches", "patches_per_image")
         conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, chunk) if i in patch_forms else plain(x, k, s, i)
+    elif variant.startswith("chunkkb") and variant[7:].isdigit():
+        plain, budget = conv4.conv3x3, int(variant[7:]) * 1024
+        patch_forms = ("patches", "patches_per_image")
+
+        def by_budget(x, k, s, i):
+            if i not in patch_forms:
+                return plain(x, k, s, i)
+            return chunked_conv(x, k, s, budget_chunk(x.shape, s, budget, x.dtype.itemsize))
+
+        conv4.conv3x3 = by_budget
+    elif variant == "fusedblock":
+        conv4._Conv4 = PerImageConv4  # conv4.conv4 looks _Conv4 up at call time
+    elif variant == "nocse":
+        plain = conv4.conv3x3
+        patch_forms = ("patches", "patches_per_image")
+        conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, 1, False) if i in patch_forms else plain(x, k, s, i)
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":

@@ -1,6 +1,7 @@
 """experiments/speed_variants.py and experiments/conv_grad_under_map.py: the variants they time
 compute what the library computes (so a timing compares like with like)."""
 
+import functools
 import json
 import os
 import re
@@ -87,23 +88,77 @@ def test_winograd_convs_match_the_patch_convolution_to_second_order(x64, shape, 
     np.testing.assert_allclose(hvp(custom, v)(k), hvp(plain, v)(k), rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4])
-def test_chunked_conv_matches_the_patch_convolution_to_second_order(x64, chunk):
-    """Groups of the largest divisor of the 6 images up to ``chunk`` (1, 2 and 3 images here)."""
+@pytest.mark.parametrize("chunk, cse", [(1, True), (2, True), (4, True), (1, False)])
+def test_chunked_conv_matches_the_patch_convolution_to_second_order(x64, chunk, cse):
+    """Groups of the largest divisor of the 6 images up to ``chunk`` (1, 2 and 3 images here);
+    ``cse=False`` is ``nocse``'s checkpoint without optimisation barriers."""
     _, k, v = conv_problem()
     x = jax.random.normal(jax.random.PRNGKey(4), (6, 5, 6, 3))
-    jaxpr = str(jax.make_jaxpr(lambda x_, k_: speed_variants.chunked_conv(x_, k_, 1, chunk))(x, k))
+    jaxpr = str(jax.make_jaxpr(lambda x_, k_: speed_variants.chunked_conv(x_, k_, 1, chunk, cse))(x, k))
     assert f"length={6 // min(chunk, 3)}" in jaxpr and "remat" in jaxpr
+    assert f"prevent_cse={cse}" in jaxpr
     for stride in (1, 2):
-        conv = lambda x_, k_, s=stride: speed_variants.chunked_conv(x_, k_, s, chunk)  # noqa: E731
+        conv = lambda x_, k_, s=stride: speed_variants.chunked_conv(x_, k_, s, chunk, cse)  # noqa: E731
         patches = lambda x_, k_, s=stride: conv3x3(x_, k_, s, "patches")  # noqa: E731
         np.testing.assert_allclose(conv(x, k), patches(x, k), rtol=1e-12, atol=1e-12)
     custom, plain = (
-        two_layer_loss(lambda x_, k_: speed_variants.chunked_conv(x_, k_, 1, chunk), x),
+        two_layer_loss(lambda x_, k_: speed_variants.chunked_conv(x_, k_, 1, chunk, cse), x),
         two_layer_loss(lambda x_, k_: conv3x3(x_, k_, 1, "patches"), x),
     )
     np.testing.assert_allclose(jax.grad(custom)(k), jax.grad(plain)(k), rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(hvp(custom, v)(k), hvp(plain, v)(k), rtol=1e-9, atol=1e-10)
+
+
+def test_budget_chunk_sizes_groups_by_patch_matrix_bytes():
+    # one 42x42x32 image's patch matrix is 42·42·288·4 bytes = 2,032,128 B; 10x10x32's 115,200 B
+    assert speed_variants.budget_chunk((75, 42, 42, 32), 1, 1 << 20) == 1  # over budget: still 1
+    assert speed_variants.budget_chunk((75, 42, 42, 32), 1, 2_032_128 * 3) == 3
+    assert speed_variants.budget_chunk((75, 10, 10, 32), 1, 1 << 20) == 9
+    assert speed_variants.budget_chunk((75, 10, 10, 32), 1, 1 << 20, itemsize=2) == 18
+    assert speed_variants.budget_chunk((20, 28, 28, 1), 2, 14 * 14 * 9 * 4 * 5) == 5  # stride 2: 14x14 out
+
+
+@pytest.mark.parametrize("dataset, side", [("miniimagenet", 17), pytest.param("omniglot", 11, marks=pytest.mark.slow)])
+def test_per_image_blocks_are_conv4_to_second_order(x64, monkeypatch, dataset, side):
+    """``fusedblock``'s ``PerImageConv4`` has conv4's parameter tree and computes its function:
+    values, gradients and Hessian-vector products in every parameter, pooled (odd sides crop)
+    and strided."""
+    conv4_module = speed_variants.conv4  # the module (maml_jax.models.conv4 is also the function)
+    channels = 3 if dataset == "miniimagenet" else 1
+    kx, kp, kv = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(kx, (4, side, side, channels))
+    y = jnp.arange(4) % 3
+    plain = conv4_module.conv4(3, dataset=dataset)
+    params = plain.init(kp, x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(kv, p.shape), params)  # BN not at 1, 0
+    monkeypatch.setattr(conv4_module, "_Conv4", speed_variants.PerImageConv4)
+    fused = conv4_module.conv4(3, dataset=dataset)
+    chex.assert_trees_all_equal_shapes(fused.init(kp, x), params)
+    jaxpr = str(jax.make_jaxpr(fused.apply)(params, x))
+    assert jaxpr.count("length=4") == 8  # two maps over the 4 images per block
+
+    def loss(model):
+        return lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, x))[jnp.arange(4), y]) ** 2
+
+    v = jax.tree.map(jnp.ones_like, params)
+
+    def grad_dot_v(model):
+        return lambda p: sum(jax.tree.leaves(jax.tree.map(jnp.vdot, jax.grad(loss(model))(p), v)))
+
+    @functools.partial(jax.jit, static_argnums=1)  # one compile per model instead of one per eager op
+    def derivatives(p, fused_model: bool):
+        model = fused if fused_model else plain
+        return (
+            model.apply(p, x),
+            jax.grad(loss(model))(p),
+            jax.jvp(jax.grad(loss(model)), (p,), (v,))[1],  # forward over reverse (iMAML's HVPs)
+            jax.grad(grad_dot_v(model))(p),  # reverse over reverse (MAML's second-order meta-gradient)
+        )
+
+    ours, theirs = derivatives(params, True), derivatives(params, False)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-10, atol=1e-11)
+    chex.assert_trees_all_close(ours[1], theirs[1], rtol=1e-9, atol=1e-11)
+    chex.assert_trees_all_close(ours[2:], theirs[2:], rtol=1e-8, atol=1e-10)
 
 
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):

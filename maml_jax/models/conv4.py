@@ -36,7 +36,8 @@ equal it computes exactly what ``bn="transductive"`` does. ``bn="none"`` drops t
   instead of one ``[n·H'·W', 9·C]`` matrix (152 MB for 75 images at 42x42x32) that is written
   out to memory and kept for the backward pass. Faster on XLA:CPU for MiniImageNet's large
   stride-1 layers with the tasks split over two CPU devices (miniimagenet-5w1s +17% by the medians
-  of 6 alternated pairs on an AVX-512 EPYC; 3-9% slower on one device; README, Speed), slower for
+  of 6 alternated pairs on an AVX-512 EPYC, +13.5% by the medians of 4 rounds on a Zen3 EPYC
+  without AVX-512; 2-9% slower on one device; README, Speed), slower for
   Omniglot's small strided ones, where a loop step per image costs
   more than the copying it saves. Not for GPUs or TPUs (a sequential loop over the images).
 
@@ -97,7 +98,7 @@ def resolve_conv_impl(conv_impl: str, dataset: str, backend: str | None = None, 
     """``conv_impl`` itself, or for ``"auto"``: ``"patches_per_image"`` for ``miniimagenet`` on the
     CPU backend (``backend``, default ``jax.default_backend()``) with the task batch split over
     ``task_devices`` >= 2 XLA CPU devices, ``"patches"`` otherwise: Omniglot everywhere, every
-    dataset on a GPU or TPU, and MiniImageNet on one CPU device, where per image was 3-9% slower
+    dataset on a GPU or TPU, and MiniImageNet on one CPU device, where per image was 2-9% slower
     in 3 alternated pairs (``experiments/results/bench/patches_per_image_epyc512.md``)."""
     if conv_impl == "auto":
         on_cpu = (backend or jax.default_backend()) == "cpu"
