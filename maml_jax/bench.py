@@ -82,6 +82,7 @@ from maml_jax.core import batched_meta_loss
 from maml_jax.host import available_cpus, limit_cpus, request_cpu_devices
 from maml_jax.losses import cross_entropy_loss, mse_loss
 from maml_jax.models import conv4, mlp
+from maml_jax.models.conv4 import CONV_IMPLS as MODEL_CONV_IMPLS
 from maml_jax.models.conv4 import resolve_conv_impl
 from maml_jax.precision import COMPUTE_DTYPES, with_compute_dtype
 from maml_jax.train import init_train_state, make_sampling_train_chunk, make_train_step, make_train_step_from_grads
@@ -95,7 +96,8 @@ WORKLOADS = {
     "miniimagenet-5w1s": dict(kind="miniimagenet", tasks=4, ways=5, shots=1, query=15, steps=5, alpha=0.01),
 }
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
-CONV_IMPLS = ("patches", "lax", "patches_per_image")  # first = the default off CPU and for Omniglot
+# conv4's convolutions, "patches" first: the default off CPU and for Omniglot
+CONV_IMPLS = ("patches", *(c for c in MODEL_CONV_IMPLS if c != "patches"))
 DEFAULT_TASK_MAP = {"sinusoid": "vmap", "omniglot-5w1s": "map", "omniglot-20w1s": "map", "miniimagenet-5w1s": "map"}
 
 

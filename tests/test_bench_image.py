@@ -133,6 +133,12 @@ def test_default_conv_impl_is_per_image_only_for_miniimagenet_on_two_cpu_devices
         assert bench.default_conv_impl(name, "gpu") == bench.default_conv_impl(name, "tpu") == "patches"
 
 
+def test_bench_offers_each_model_convolution_once_with_patches_first():
+    from maml_jax.models.conv4 import CONV_IMPLS
+
+    assert sorted(bench.CONV_IMPLS) == sorted(CONV_IMPLS) and bench.CONV_IMPLS[0] == "patches"
+
+
 def test_a_pinned_child_gets_the_conv_impl_only_when_one_is_given(monkeypatch):
     """Without ``--conv-impl`` the child resolves the default for its own backend."""
     ran = []
