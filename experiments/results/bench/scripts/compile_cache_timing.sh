@@ -2,7 +2,8 @@
 # Wall time of a short `maml-jax train omniglot_5w1s` (6 iterations, a 10-task evaluation) without a
 # compilation cache and with a warm one (--compile-cache), alternated; then the cache's size.
 # Produced compile_cache_zen1.jsonl, by an earlier form of this script (the same runs; its cache_size
-# line was added afterwards with the same du -sb command); compile_cache_epyc512.jsonl by this form.
+# line was added afterwards with the same du -sb command); compile_cache_epyc512.jsonl and
+# compile_cache_zen3.jsonl by this form.
 # Usage: compile_cache_timing.sh OUT.jsonl SCRATCH_DIR OMNIGLOT_DIR
 set -u
 usage="usage: compile_cache_timing.sh OUT.jsonl SCRATCH_DIR OMNIGLOT_DIR"
