@@ -504,6 +504,13 @@ def stride1_conv(conv: Callable, other: Callable, min_channels: int = 0) -> Call
     return conv3x3
 
 
+def _replace_patch_convs(conv: Callable) -> None:
+    """``conv4.conv3x3`` as ``conv(x, k, stride)`` for both patch forms (``"lax"`` left as it is)."""
+    plain = conv4.conv3x3
+    patch_forms = ("patches", "patches_per_image")
+    conv4.conv3x3 = lambda x, k, s, i: conv(x, k, s) if i in patch_forms else plain(x, k, s, i)
+
+
 def patch(variant: str) -> None:
     """Apply one named variant to the library modules of this process."""
     if variant == "base":
@@ -516,25 +523,15 @@ def patch(variant: str) -> None:
         conv = winograd_conv if variant == "wino" else winograd_primal_conv
         conv4.conv3x3 = stride1_conv(conv, conv4.conv3x3, min_channels=8)
     elif variant.startswith("chunkconv") and variant[9:].isdigit():
-        plain, chunk = conv4.conv3x3, int(variant[9:])
-        patch_forms = ("patches", "patches_per_image")
-        conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, chunk) if i in patch_forms else plain(x, k, s, i)
+        chunk = int(variant[9:])
+        _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, chunk))
     elif variant.startswith("chunkkb") and variant[7:].isdigit():
-        plain, budget = conv4.conv3x3, int(variant[7:]) * 1024
-        patch_forms = ("patches", "patches_per_image")
-
-        def by_budget(x, k, s, i):
-            if i not in patch_forms:
-                return plain(x, k, s, i)
-            return chunked_conv(x, k, s, budget_chunk(x.shape, s, budget, x.dtype.itemsize))
-
-        conv4.conv3x3 = by_budget
+        budget = int(variant[7:]) * 1024
+        _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, budget_chunk(x.shape, s, budget, x.dtype.itemsize)))
     elif variant == "fusedblock":
         conv4._Conv4 = PerImageConv4  # conv4.conv4 looks _Conv4 up at call time
     elif variant == "nocse":
-        plain = conv4.conv3x3
-        patch_forms = ("patches", "patches_per_image")
-        conv4.conv3x3 = lambda x, k, s, i: chunked_conv(x, k, s, 1, False) if i in patch_forms else plain(x, k, s, i)
+        _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, 1, prevent_cse=False))
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":
