@@ -37,6 +37,11 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   second, so that no block's full-size activations are written out whole. 38% slower than
   ``chunkconv1`` on miniimagenet-5w1s (same file).
 * ``nocse``: ``chunkconv1`` with ``jax.checkpoint(..., prevent_cse=False)``; 5% slower (same file).
+* ``splitmap``: ``batched_meta_grad`` of MAML with ``task_map="map"`` split in three
+  (``split_meta_grad``): every task's first inner step from the shared θ at once (``vmap``: one
+  convolution over all ``T·n`` support images instead of T over ``n``), the later inner steps and
+  the query gradient per task in ``lax.map``, then the first step's VJP of those per-task
+  gradients batched again. The same meta-gradient (tested in float64).
 * ``unrolledrng``: JAX's threefry PRNG lowered on CPU with its 20 rounds unrolled, as on GPU,
   instead of the rolled ``while`` loop JAX picks for CPU (``unrolled_threefry_on_cpu``): the same
   random bits, so the same tasks.
@@ -108,7 +113,7 @@ import jax.numpy as jnp
 import optax
 from jax.custom_derivatives import SymbolicZero
 
-from maml_jax import bench
+from maml_jax import bench, core
 from maml_jax.host import request_cpu_devices
 from maml_jax.precision import mixed_precision
 
@@ -188,7 +193,7 @@ def patches_transposed(x, stride):
     """``[9·C, n·H'·W']``: ``conv4.patches3x3`` of ``x [n, H, W, C]`` transposed, built from the
     input in ``[C, n, H, W]`` (row ``(3i + j)·C + c``)."""
     n, h, w, c = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = conv4.conv_out_size(h, stride), conv4.conv_out_size(w, stride)
     xp = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (1, 1), (1, 1)))
     views = [
         jax.lax.slice(
@@ -206,7 +211,7 @@ def channels_first_conv(x, k, stride, impl):
     gradient then contracts the patch matrix's last axis (XLA's ``nt`` form) instead of its
     first (``tn``, which XLA:CPU does not give to YNNPACK). NHWC in and out."""
     n, h, w, _ = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = conv4.conv_out_size(h, stride), conv4.conv_out_size(w, stride)
     patches_t = patches_transposed(x, stride)
     return (k.reshape(patches_t.shape[0], -1).T @ patches_t).reshape(-1, n, ho, wo).transpose(1, 2, 3, 0)
 
@@ -313,7 +318,7 @@ def budget_chunk(x_shape: tuple[int, ...], stride: int, budget_bytes: int, items
     """The most images of ``x [n, H, W, C]`` whose ``[b·H'·W', 9·C]`` patch matrix fits in
     ``budget_bytes`` (at least 1): ``chunkkbN``'s group size, chosen per layer."""
     _, h, w, c = x_shape
-    one = ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * 9 * c * itemsize
+    one = conv4.conv_out_size(h, stride) * conv4.conv_out_size(w, stride) * 9 * c * itemsize
     return max(1, budget_bytes // one)
 
 
@@ -408,8 +413,7 @@ def per_image_block(x, kernel, conv_bias, scale, bias, stride: int, pool: bool, 
 
     stats, body = jax.checkpoint(moments), jax.checkpoint(block)
     means, m2s = jax.lax.map(lambda image: stats(image, kernel, conv_bias), x)
-    count = (x.shape[1] - 1) // stride + 1
-    count = count * ((x.shape[2] - 1) // stride + 1)
+    count = conv4.conv_out_size(x.shape[1], stride) * conv4.conv_out_size(x.shape[2], stride)
     mean = jnp.mean(means, axis=0)
     var = (jnp.sum(m2s, axis=0) + count * jnp.sum(jnp.square(means - mean), axis=0)) / (n * count)
     mult = scale * jax.lax.rsqrt(var + eps)
@@ -467,6 +471,61 @@ def chunk_drawn_train_chunk(train_step: Callable, sample_fn: Callable, length: i
         return jax.lax.scan(train_step, state, tasks)
 
     return chunk
+
+
+def split_meta_grad(task_loss_fn: Callable, num_inner_steps: int, inner_lr: float, meta_params, tasks):
+    """``((loss, metrics), grads)`` of ``batched_meta_grad(maml(task_loss_fn, ...), ..., "map")``
+    (second order, plain SGD inner steps, K >= 1) over ``tasks [T, n, ...]``, in three parts:
+
+    1. ``θ¹_i = θ − α ∇L_support_i(θ)`` for every task at once (``vmap`` with θ shared), kept as a VJP;
+    2. per task in ``lax.map``: the other K − 1 steps from ``θ¹_i``, the query loss ``L_i`` and
+       ``g_i = ∇_{θ¹_i} L_i``, stacked ``[T, ...]``;
+    3. ``∇θ = (1/T) Σ_i (∂θ¹_i/∂θ)ᵀ g_i``: the VJP of part 1 applied to ``g / T``, batched.
+    Metrics as ``core.meta_loss``'s, task means."""
+    count = jax.tree.leaves(tasks)[0].shape[0]
+
+    def first_step(p, support):
+        (loss, _), g = jax.value_and_grad(task_loss_fn, has_aux=True)(p, support)
+        return jax.tree.map(lambda w, d: w - inner_lr * d, p, g), loss
+
+    theta1, vjp, support_loss = jax.vjp(
+        lambda p: jax.vmap(first_step, (None, 0))(p, tasks.support), meta_params, has_aux=True
+    )
+
+    def rest(args):
+        p1, task = args
+
+        def query_loss(p):
+            adapted, _ = core.inner_adapt(
+                p, task.support, task_loss_fn, num_inner_steps=num_inner_steps - 1, inner_lr=inner_lr
+            )
+            return task_loss_fn(adapted, task.query)
+
+        (loss, aux), g = jax.value_and_grad(query_loss, has_aux=True)(p1)
+        return loss, aux, g
+
+    losses, aux, g1 = jax.lax.map(rest, (theta1, tasks))
+    (grads,) = vjp(jax.tree.map(lambda g: g / count, g1))
+    metrics = {"query_loss": jnp.mean(losses), **{f"query_{k}": jnp.mean(v) for k, v in aux.items()}}
+    metrics["support_loss"] = jnp.mean(support_loss)
+    return (metrics["query_loss"], metrics), grads
+
+
+def split_map_grads() -> None:
+    """``bench``'s ``batched_meta_grad`` of ``maml`` with ``task_map="map"`` as ``split_meta_grad``."""
+    plain_maml, plain_grad = bench.maml, bench.batched_meta_grad
+
+    def maml(loss_fn, **kwargs):
+        algorithm = plain_maml(loss_fn, **kwargs)
+        return types.SimpleNamespace(plain=algorithm, loss_fn=loss_fn, kwargs=kwargs)
+
+    def batched_meta_grad(spec, meta_params, tasks, step, task_map="vmap"):
+        if task_map != "map":
+            return plain_grad(spec.plain, meta_params, tasks, step, task_map)
+        steps, alpha = spec.kwargs["num_inner_steps"], spec.kwargs["inner_lr"]
+        return split_meta_grad(spec.loss_fn, steps, alpha, meta_params, tasks)
+
+    bench.maml, bench.batched_meta_grad = maml, batched_meta_grad
 
 
 def _with_map(plain: Callable, mapped: Callable) -> Callable:
@@ -532,6 +591,8 @@ def patch(variant: str) -> None:
         conv4._Conv4 = PerImageConv4  # conv4.conv4 looks _Conv4 up at call time
     elif variant == "nocse":
         _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, 1, prevent_cse=False))
+    elif variant == "splitmap":
+        split_map_grads()
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":

@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from experiment_scripts import load
 
@@ -159,6 +160,43 @@ def test_per_image_blocks_are_conv4_to_second_order(x64, monkeypatch, dataset, s
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-10, atol=1e-11)
     chex.assert_trees_all_close(ours[1], theirs[1], rtol=1e-9, atol=1e-11)
     chex.assert_trees_all_close(ours[2:], theirs[2:], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_split_map_is_the_mapped_maml_meta_gradient(x64, monkeypatch, steps):
+    """``splitmap``: first inner step batched, the rest per task, the first step's VJP batched;
+    the loss, metrics and second-order meta-gradient of ``batched_meta_grad(maml, "map")``."""
+    from maml_jax.algorithms import batched_meta_grad, maml
+    from maml_jax.losses import cross_entropy_loss
+    from maml_jax.models import conv4
+    from maml_jax.types import Batch, Task
+
+    kx, ks, kq, kp = jax.random.split(jax.random.PRNGKey(6), 4)
+    labels = jnp.tile(jnp.arange(3), (4, 1))  # 4 tasks, 3-way 1-shot, 1 query per class
+    tasks = Task(
+        Batch(jax.random.normal(ks, (4, 3, 11, 11, 1)), labels), Batch(jax.random.normal(kq, (4, 3, 11, 11, 1)), labels)
+    )
+    model = conv4(3, dataset="omniglot")
+    params = model.init(kp, tasks.support.x[0])
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(kx, p.shape), params)  # BN not at 1, 0
+    loss_fn = cross_entropy_loss(model.apply)
+    kwargs = {"num_inner_steps": steps, "inner_lr": 0.3}
+    plain = jax.jit(lambda p: batched_meta_grad(maml(loss_fn, **kwargs), p, tasks, 0, task_map="map"))(params)
+    split = jax.jit(lambda p: speed_variants.split_meta_grad(loss_fn, steps, 0.3, p, tasks))(params)
+    chex.assert_trees_all_close(split, plain, rtol=1e-9, atol=1e-10)  # float64 rounding; entries up to ~1
+    assert float(optax.global_norm(plain[1])) > 1e-3  # a gradient that is not ~0
+    # the patch routes bench's "map" meta-gradient through it and leaves "vmap" as it was
+    monkeypatch.setattr(speed_variants.bench, "maml", speed_variants.bench.maml)
+    monkeypatch.setattr(speed_variants.bench, "batched_meta_grad", speed_variants.bench.batched_meta_grad)
+    speed_variants.patch("splitmap")
+    spec = speed_variants.bench.maml(loss_fn, **kwargs)
+    calls = []
+    monkeypatch.setattr(speed_variants, "split_meta_grad", lambda *a: calls.append(a) or "split")
+    assert speed_variants.bench.batched_meta_grad(spec, params, tasks, 0, task_map="map") == "split"
+    assert calls and calls[0][1:3] == (steps, 0.3)
+    vmapped = jax.jit(lambda p: speed_variants.bench.batched_meta_grad(spec, p, tasks, 0, task_map="vmap"))(params)
+    chex.assert_trees_all_close(vmapped, plain, rtol=1e-9, atol=1e-10)
+    assert len(calls) == 1
 
 
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):

@@ -109,11 +109,16 @@ def resolve_conv_impl(conv_impl: str, dataset: str, backend: str | None = None, 
     return conv_impl
 
 
+def conv_out_size(size: int, stride: int) -> int:
+    """``H' = (H − 1)//stride + 1``: the output height (or width) of a 3x3 convolution padded by 1."""
+    return (size - 1) // stride + 1
+
+
 def shifted_views(x: jax.Array, stride: int) -> list[jax.Array]:
     """The 9 views ``[n, H', W', C]`` of ``x [n, H, W, C]`` padded by 1 that the taps ``(i, j)``
     of a 3x3 kernel with ``stride`` see, in the order ``3i + j``."""
     n, h, w, c = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = conv_out_size(h, stride), conv_out_size(w, stride)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return [
         jax.lax.slice(
