@@ -41,7 +41,8 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   (``split_meta_grad``): every task's first inner step from the shared θ at once (``vmap``: one
   convolution over all ``T·n`` support images instead of T over ``n``), the later inner steps and
   the query gradient per task in ``lax.map``, then the first step's VJP of those per-task
-  gradients batched again. The same meta-gradient (tested in float64).
+  gradients batched again. The same meta-gradient (tested in float64). 16% slower on
+  omniglot-5w1s, noise (+2%) on miniimagenet-5w1s (``results/bench/zen3_splitmap_ab.md``).
 * ``unrolledrng``: JAX's threefry PRNG lowered on CPU with its 20 rounds unrolled, as on GPU,
   instead of the rolled ``while`` loop JAX picks for CPU (``unrolled_threefry_on_cpu``): the same
   random bits, so the same tasks.
