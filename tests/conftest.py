@@ -1,10 +1,10 @@
 """Shared fixtures, and the compile setting of the test processes.
 
-Most of the suite's time is XLA:CPU compiling small programs, and most of a compile is LLVM
+Most of the suite's time is XLA:CPU compiling small programs, and much of a compile is LLVM
 optimising the generated code, which these tiny shapes do not repay. The test processes (and
 the subprocesses they start with their environment) therefore compile with LLVM optimisation
 level 0, set here before JAX creates its backend: on a 2-core Zen3 EPYC the default suite took
-1,060 s instead of 1,746 s (README, Install). The programs are the same; only their machine code
+1,060 s instead of 1,746 s (README, Set-up). The programs are the same; only their machine code
 is less optimised. A level given in ``XLA_FLAGS`` is kept, so
 ``XLA_FLAGS=--xla_backend_optimization_level=2 pytest`` tests with XLA's default. Subprocess tests
 that set their own ``XLA_FLAGS`` (the forced device counts of ``test_parallel``) compile at the

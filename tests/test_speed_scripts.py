@@ -13,7 +13,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from experiment_scripts import load
 
@@ -119,7 +118,8 @@ def test_budget_chunk_sizes_groups_by_patch_matrix_bytes():
     assert speed_variants.budget_chunk((20, 28, 28, 1), 2, 14 * 14 * 9 * 4 * 5) == 5  # stride 2: 14x14 out
 
 
-@pytest.mark.parametrize("dataset, side", [("miniimagenet", 17), pytest.param("omniglot", 11, marks=pytest.mark.slow)])
+@pytest.mark.slow  # fusedblock was not kept (38% slower); 39 s of the default suite
+@pytest.mark.parametrize("dataset, side", [("miniimagenet", 17), ("omniglot", 11)])
 def test_per_image_blocks_are_conv4_to_second_order(x64, monkeypatch, dataset, side):
     """``fusedblock``'s ``PerImageConv4`` has conv4's parameter tree and computes its function:
     values, gradients and Hessian-vector products in every parameter, pooled (odd sides crop)
@@ -162,7 +162,8 @@ def test_per_image_blocks_are_conv4_to_second_order(x64, monkeypatch, dataset, s
     chex.assert_trees_all_close(ours[2:], theirs[2:], rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.slow  # splitmap was not kept (16% slower on omniglot-5w1s); about 30 s per case
+@pytest.mark.parametrize("steps", [1, 2])
 def test_split_map_is_the_mapped_maml_meta_gradient(x64, monkeypatch, steps):
     """``splitmap``: first inner step batched, the rest per task, the first step's VJP batched;
     the loss, metrics and second-order meta-gradient of ``batched_meta_grad(maml, "map")``."""
@@ -184,7 +185,7 @@ def test_split_map_is_the_mapped_maml_meta_gradient(x64, monkeypatch, steps):
     plain = jax.jit(lambda p: batched_meta_grad(maml(loss_fn, **kwargs), p, tasks, 0, task_map="map"))(params)
     split = jax.jit(lambda p: speed_variants.split_meta_grad(loss_fn, steps, 0.3, p, tasks))(params)
     chex.assert_trees_all_close(split, plain, rtol=1e-9, atol=1e-10)  # float64 rounding; entries up to ~1
-    assert float(optax.global_norm(plain[1])) > 1e-3  # a gradient that is not ~0
+    assert float(jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(plain[1])))) > 1e-3  # not ~0
     # the patch routes bench's "map" meta-gradient through it and leaves "vmap" as it was
     monkeypatch.setattr(speed_variants.bench, "maml", speed_variants.bench.maml)
     monkeypatch.setattr(speed_variants.bench, "batched_meta_grad", speed_variants.bench.batched_meta_grad)
@@ -391,6 +392,7 @@ def test_blas_gemm_tn_is_the_transposed_product_batched_and_in_float32():
         blas_kgrad.gemm_tn(p[0], g[0, :36])  # M differs: 37 rows against 36
 
 
+@pytest.mark.slow  # Winograd was not kept; 25 s of the default suite
 def test_winograd_layers_prints_a_row_per_layer(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(speed_variants.__file__).parent))  # as when run: its siblings importable
     monkeypatch.setattr("sys.argv", ["winograd_layers.py", "--images", "1"])
