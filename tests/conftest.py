@@ -1,23 +1,28 @@
 """Shared fixtures, and the compile setting of the test processes.
 
-Most of the suite's time is XLA:CPU compiling small programs, and much of a compile is LLVM
-optimising the generated code, which these tiny shapes do not repay. The test processes (and
-the subprocesses they start with their environment) therefore compile with LLVM optimisation
-level 0, set here before JAX creates its backend: on a 2-core Zen3 EPYC the default suite took
+Most of the default suite's time is XLA:CPU compiling small programs, and much of a compile is
+LLVM optimising the generated code, which these tiny shapes do not repay. So when pytest runs the
+default selection (``-m 'not slow'``, from pyproject.toml), the test processes (and the
+subprocesses they start with their environment) compile with LLVM optimisation level 0, set in
+``pytest_configure`` before JAX creates its backend: on a 2-core Zen3 EPYC the default suite took
 1,060 s instead of 1,746 s (README, Set-up). The programs are the same; only their machine code
-is less optimised. A level given in ``XLA_FLAGS`` is kept, so
-``XLA_FLAGS=--xla_backend_optimization_level=2 pytest`` tests with XLA's default. Subprocess tests
-that set their own ``XLA_FLAGS`` (the forced device counts of ``test_parallel``) compile at the
-default level, so the default suite still runs the library compiled that way.
+is less optimised. Any other selection (``-m slow``: long training runs, where executing the code
+matters more than compiling it) keeps XLA's default level, and so does a level given in
+``XLA_FLAGS``. Subprocess tests that set their own ``XLA_FLAGS`` (the forced device counts of
+``test_parallel``) compile at the default level, so the default suite still runs the library
+compiled that way.
 """
 
 import os
 
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+import jax
+import pytest
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+
+def pytest_configure(config):
+    flags = os.environ.get("XLA_FLAGS", "")
+    if config.option.markexpr == "not slow" and "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
 
 
 @pytest.fixture(autouse=True)
