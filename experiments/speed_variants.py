@@ -517,6 +517,9 @@ def split_map_grads() -> None:
     plain_maml, plain_grad = bench.maml, bench.batched_meta_grad
 
     def maml(loss_fn, **kwargs):
+        other = sorted(k for k, v in kwargs.items() if k not in ("num_inner_steps", "inner_lr") and v)
+        if other:
+            raise ValueError(f"splitmap is plain second-order MAML with SGD inner steps; it cannot apply {other}")
         algorithm = plain_maml(loss_fn, **kwargs)
         return types.SimpleNamespace(plain=algorithm, loss_fn=loss_fn, kwargs=kwargs)
 

@@ -191,6 +191,8 @@ def test_split_map_is_the_mapped_maml_meta_gradient(x64, monkeypatch, steps):
     monkeypatch.setattr(speed_variants.bench, "batched_meta_grad", speed_variants.bench.batched_meta_grad)
     speed_variants.patch("splitmap")
     spec = speed_variants.bench.maml(loss_fn, **kwargs)
+    with pytest.raises(ValueError, match="cannot apply \\['first_order'\\]"):
+        speed_variants.bench.maml(loss_fn, first_order=True, remat=False, **kwargs)
     calls = []
     monkeypatch.setattr(speed_variants, "split_meta_grad", lambda *a: calls.append(a) or "split")
     assert speed_variants.bench.batched_meta_grad(spec, params, tasks, 0, task_map="map") == "split"
