@@ -8,9 +8,8 @@ subprocesses they start with their environment) compile with LLVM optimisation l
 1,060 s instead of 1,746 s (README, Set-up). The programs are the same; only their machine code
 is less optimised. Any other selection (``-m slow``: long training runs, where executing the code
 matters more than compiling it) keeps XLA's default level, and so does a level given in
-``XLA_FLAGS``. Subprocess tests that set their own ``XLA_FLAGS`` (the forced device counts of
-``test_parallel``) compile at the default level, so the default suite still runs the library
-compiled that way.
+``XLA_FLAGS``. Subprocess tests that add flags of their own (the forced device counts of
+``test_parallel``) keep this one too; ``-m slow`` runs them at the default level.
 """
 
 import os

@@ -29,8 +29,15 @@ from maml_jax.validation import HyperparameterError
 CHECK = Path(__file__).with_name("parallel_check.py")
 
 
+def xla_flags(*extra: str) -> str:
+    """This process's ``XLA_FLAGS`` (in the default selection, conftest's LLVM level 0: these
+    subprocesses mostly compile) without a forced device count, and ``extra`` after them."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join([*kept, *extra])
+
+
 def run_check(task_map: str, counts: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, str(CHECK), task_map, counts], capture_output=True, text=True, check=True, env=env, timeout=900
     )
@@ -111,7 +118,7 @@ def test_bad_device_count_raises():
 def test_train_command_on_two_devices_follows_the_one_device_trajectory(tmp_path):
     """``--config.num_devices=2`` (two forced CPU devices) logs the same meta-losses as the
     one-device run, to float summation order."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"), JAX_PLATFORMS="cpu")
     flags = [
         "--no-progress",
         "--config.num_iterations=200",
@@ -179,8 +186,7 @@ def test_two_processes_with_distributed_stop_together_resume_and_train_as_one_pr
     flags = ["--no-progress", "--config.num_iterations=200", "--config.steps_per_call=50", "--config.log_every=100"]
     flags += ["--config.checkpoint_every=100", "--config.meta_batch_size=24", "--config.eval_num_tasks=10"]
     flags += ["--config.baselines=", "--config.eval_shots=10", "--config.num_devices=0"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())  # one device per process
 
     one = tmp_path / "one_process"
     cmd = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--workdir", str(one), "--cpu-devices", "2", *flags]
