@@ -116,7 +116,7 @@ def test_omniglot_notebook_trains_evaluates_and_plots(tmp_path):
         pytest.skip(f"real Omniglot not found in {SHARED_OMNIGLOT}")
     workdir = tmp_path / "run"
     params = {
-        "NUM_ITERATIONS": 10,
+        "NUM_ITERATIONS": 2,
         "EVAL_NUM_TASKS": 10,
         "DATA_DIR": str(SHARED_OMNIGLOT),
         "WORKDIR": str(workdir),
@@ -130,9 +130,9 @@ def test_omniglot_notebook_trains_evaluates_and_plots(tmp_path):
     # below; the TPU layout's grouped convolutions are too slow on XLA:CPU for the test suite)
     assert "'conv_impl': 'patches', 'task_map': 'map', 'num_devices': 1" in out
     config = json.loads((workdir / "config.json").read_text())
-    assert config["num_iterations"] == 10 and config["name"] == "omniglot_5w1s"
+    assert config["num_iterations"] == 2 and config["name"] == "omniglot_5w1s"
     steps = [r["step"] for r in metric_rows(workdir)]
-    assert steps and steps[-1] == 10
+    assert steps and steps[-1] == 2
     evaluation = json.loads((workdir / "eval.json").read_text())
     assert evaluation["num_tasks"] == 10
     assert (workdir / "learning_curves.png").stat().st_size > 0
