@@ -492,6 +492,16 @@ def peer_table(results: list[dict], peers=PEERS) -> str:
     return "\n".join(rows)
 
 
+def fastest_peer(result: dict) -> tuple[str, float] | None:
+    """``(peer, its it/s)`` of the fastest peer in one result line of ``--compare-peers`` (each
+    peer's median over the rounds), or None where no peer ran. The issue's goals are ours over it."""
+    rates = {p: r["it_per_s"] for p, r in result.get("peers", {}).items() if r.get("it_per_s")}
+    if not rates:
+        return None
+    best = max(rates, key=rates.get)
+    return best, rates[best]
+
+
 def _default_peers_script() -> str:
     return str(Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_peers.py")
 
