@@ -11,7 +11,9 @@ time per step summed over XLA's worker threads, and its share. A ``group`` colum
 kind in one of: ``matmul`` (dots, YNNPACK/oneDNN library fusions), ``patches`` (the stacked
 and sliced views of the patch-matmul convolutions), ``layout`` (transposes, copies,
 dynamic slices/updates of the task map), ``elementwise`` (every other fusion: BatchNorm, ReLU
-and max-pool masks, their derivatives, Adam) and ``control``. The shares are what a speed-up
+and max-pool masks, their derivatives, Adam), ``control`` and ``collective`` (with
+``--cpu-devices``: the all-reduce of the gradients and the wait for the other device). Each
+event counts its own time, without the events nested in it (``self_times``). The shares are what a speed-up
 has to attack; the absolute times depend on the machine's load.
 
 ``--by-instruction`` lists single HLO instructions instead of kinds (``ynn_fusion.52``, not
@@ -20,6 +22,11 @@ compiled HLO), which says which layer and which derivative the time belongs to. 
 the slow task-axis mean of ``results/bench/tried_2026-12-05.md`` was found. In that reading, XLA's own
 ``dot`` instructions took less time than their FLOPs allow, so their events may not cover all
 of their work; compare them with ``matmul_forms.py`` timings.
+
+``--cpu-devices N`` splits the task batch over N XLA CPU devices, with the convolution the bench
+picks for them (``bench.default_conv_impl``), as ``python -m maml_jax.bench`` runs the image
+workloads by default (N = 2); the times are then summed over both devices' threads. The default,
+1, traces the one-device step that ``maml-jax train`` runs without ``--cpu-devices``.
 """
 
 from __future__ import annotations
@@ -35,38 +42,71 @@ from pathlib import Path
 import jax
 
 from maml_jax import bench
+from maml_jax.host import request_cpu_devices
 
 GROUPS = (  # first match wins
     ("matmul", re.compile(r"^(ynn_fusion|xnn_fusion|onednn|dot|dot_general|custom-call|convolution)")),
     ("layout", re.compile(r"transpose|copy|dynamic-slice|dynamic-update-slice|^bitcast$")),
     ("patches", re.compile(r"(^|_)(stack|concatenate|pad)(_|$)|^slice|_slice_|slice_bitcast")),
     ("control", re.compile(r"^(while|conditional|call)$")),
+    # the cross-device reduction of the meta-gradients and the time spent waiting for the other device
+    (
+        "collective",
+        re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|Rendezvous|Wait)"),
+    ),
 )
 RUNTIME_EVENTS = ("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool", "$", "end: ")
 
 
 def op_group(kind: str) -> str:
-    """``matmul`` / ``patches`` / ``layout`` / ``control`` / ``elementwise`` for an op kind."""
+    """``matmul`` / ``patches`` / ``layout`` / ``control`` / ``collective`` / ``elementwise`` for an op kind."""
     for group, pattern in GROUPS:
         if pattern.search(kind):
             return group
     return "elementwise"
 
 
+def self_times(events: list[tuple[int, int, str]]) -> list[tuple[str, int]]:
+    """``(name, own ns)`` of each ``(start ns, end ns, name)`` event of one thread: its duration
+    less that of the events nested directly inside it. XLA:CPU's ``while`` events span the ops of
+    the loop bodies that run on the same thread (the per-image loops of ``patches_per_image``,
+    for one), and a collective spans its rendezvous, so plain durations would count that time
+    twice. An event that starts inside another but ends after it is not nested in it."""
+    out: list[tuple[str, int]] = []
+    stack: list[list] = []  # [start, end, name, ns of direct children]
+
+    def close() -> None:
+        start, end, name, children = stack.pop()
+        out.append((name, end - start - children))
+
+    for start, end, name in sorted(events, key=lambda e: (e[0], -e[1])):
+        while stack and (start >= stack[-1][1] or end > stack[-1][1]):
+            close()
+        if stack:
+            stack[-1][3] += end - start
+        stack.append([start, end, name, 0])
+    while stack:
+        close()
+    return out
+
+
 def op_times(xplane: Path, by_instruction: bool = False) -> dict[str, float]:
-    """Seconds per op kind (per instruction if ``by_instruction``) in a ``.xplane.pb`` trace,
-    summed over the XLA worker threads."""
+    """Seconds per op kind (per instruction if ``by_instruction``) in a ``.xplane.pb`` trace:
+    each event's own time (``self_times``), summed over the XLA worker threads."""
     profile = jax.profiler.ProfileData.from_file(str(xplane))
     totals: dict[str, float] = collections.Counter()
     for plane in profile.planes:
         for line in plane.lines:
             if line.name == "python":
                 continue
-            for event in line.events:
-                if event.name.startswith(RUNTIME_EVENTS):
-                    continue
-                key = event.name if by_instruction else re.sub(r"\.\d+$", "", event.name)
-                totals[key] += event.duration_ns / 1e9
+            events = [
+                (e.start_ns, e.start_ns + e.duration_ns, e.name)
+                for e in line.events
+                if not e.name.startswith(RUNTIME_EVENTS)
+            ]
+            for name, ns in self_times(events):
+                key = name if by_instruction else re.sub(r"\.\d+$", "", name)
+                totals[key] += ns / 1e9
     return dict(totals)
 
 
@@ -115,15 +155,19 @@ def instruction_table(times: dict[str, float], info: dict[str, tuple[str, str]],
     return "\n".join(rows)
 
 
-def profile(name: str, steps: int, by_instruction: bool = False) -> dict[str, float] | tuple[dict[str, float], str]:
+def profile(
+    name: str, steps: int, by_instruction: bool = False, cpu_devices: int = 1
+) -> dict[str, float] | tuple[dict[str, float], str]:
     """Seconds per step per op kind for benchmark workload ``name``: at least ``steps`` steps,
     in calls of the fused chunk that the benchmark times (``bench.DEFAULT_STEPS_PER_CALL``),
-    after two warm-up calls. ``by_instruction``: per HLO instruction instead, returned with the
-    chunk's compiled HLO text."""
+    after two warm-up calls, with the tasks split over ``cpu_devices`` devices (which must exist:
+    ``host.request_cpu_devices`` before JAX starts). ``by_instruction``: per HLO instruction
+    instead, returned with the chunk's compiled HLO text."""
     per_call = bench.DEFAULT_STEPS_PER_CALL[bench.WORKLOADS[name]["kind"]]
     calls = -(-steps // per_call)
-    conv_impl = bench.default_conv_impl(name, cpu_devices=1)  # the chunk below runs on one device
-    chunk, state, _, _ = bench.build_chunk(name, bench.default_task_map(name), per_call, conv_impl)
+    bench.check_task_split(name, None, cpu_devices)
+    conv_impl = bench.default_conv_impl(name, cpu_devices=cpu_devices)
+    chunk, state, _, _ = bench.build_chunk(name, bench.default_task_map(name), per_call, conv_impl, None, cpu_devices)
     hlo = chunk.lower(state, None).compile().as_text() if by_instruction else ""
     for _ in range(2):
         state, _ = chunk(state, None)
@@ -164,11 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--by-instruction", action="store_true", help="single HLO instructions with shape and op_name, not kinds"
     )
+    ap.add_argument(
+        "--cpu-devices", type=int, default=1, help="split the tasks over N XLA CPU devices (the bench's default: 2)"
+    )
     a = ap.parse_args(argv)
     if a.steps < 1:
         ap.error("--steps must be at least 1")
+    if a.cpu_devices < 1:
+        ap.error("--cpu-devices must be at least 1")
+    try:
+        bench.check_task_split(a.workload, None, a.cpu_devices)
+    except ValueError as err:
+        ap.error(str(err))
+    if request_cpu_devices(a.cpu_devices) < a.cpu_devices:
+        ap.error(f"--cpu-devices {a.cpu_devices}: JAX started with fewer CPU devices; run it in a fresh process")
     if a.by_instruction:
-        times, hlo = profile(a.workload, a.steps, by_instruction=True)
+        times, hlo = profile(a.workload, a.steps, by_instruction=True, cpu_devices=a.cpu_devices)
         info = instruction_info(hlo)
         if a.json:
             rows = {
@@ -180,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{a.workload}: at least {a.steps} step(s) traced on {jax.default_backend()}, by instruction\n")
             print(instruction_table(times, info, a.top))
         return 0
-    times = profile(a.workload, a.steps)
+    times = profile(a.workload, a.steps, cpu_devices=a.cpu_devices)
     if a.json:
         print(json.dumps({"workload": a.workload, "steps": a.steps, "s_per_step": times}, sort_keys=True))
     else:

@@ -1,7 +1,9 @@
-"""experiments/profile_step.py: the op-kind grouping and a real traced sinusoid step."""
+"""experiments/profile_step.py: the op-kind grouping, each event's own time, a real traced sinusoid
+step and its argument checks."""
 
 import json
 
+import pytest
 from experiment_scripts import load
 
 profile_step = load("profile_step")
@@ -21,6 +23,9 @@ def test_op_kinds_fall_into_the_documented_groups():
         "while": "control",
         "broadcast_add_fusion": "elementwise",
         "bitcast_select_fusion": "elementwise",
+        "all-reduce": "collective",
+        "Rendezvous": "collective",
+        "Wait: pending_threads=1/2": "collective",
     }
     assert {kind: profile_step.op_group(kind) for kind in cases} == cases
 
@@ -65,3 +70,26 @@ def test_traced_sinusoid_step_by_instruction_names_instructions_of_the_compiled_
     named = [k for k, r in rows.items() if r["shape"] != "?"]
     assert len(named) >= len(rows) / 2  # most traced events are instructions of the compiled chunk
     assert any("." in k for k in named)  # suffixes kept: single instructions, not kinds
+
+
+def test_self_times_subtract_nested_events_once_and_keep_siblings_and_partial_overlaps_whole():
+    events = [
+        (0, 100, "while.1"),  # a loop whose body ops ran on this thread
+        (10, 30, "dot.2"),
+        (40, 90, "call.3"),  # nested in the loop, with one op nested in it
+        (50, 60, "add.4"),
+        (95, 120, "copy.5"),  # starts inside the loop, ends after it: not nested
+        (130, 140, "dot.6"),
+    ]
+    own = dict(profile_step.self_times(events))
+    assert own == {"while.1": 100 - 20 - 50, "dot.2": 20, "call.3": 50 - 10, "add.4": 10, "copy.5": 25, "dot.6": 10}
+    assert profile_step.self_times([]) == []
+
+
+def test_cpu_devices_must_split_the_tasks_and_exist(capsys):
+    with pytest.raises(SystemExit):
+        profile_step.main(["--workload", "sinusoid", "--cpu-devices", "0"])
+    assert "--cpu-devices must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # checked before JAX is asked for devices
+        profile_step.main(["--workload", "sinusoid", "--cpu-devices", "2"])
+    assert "sinusoid: 25 tasks do not split evenly over 2 CPU devices" in capsys.readouterr().err
