@@ -14,7 +14,8 @@ meta-gradient from ``algorithms.batched_meta_grad`` (each task's inside the task
 share of the step, about 10% for the sinusoid and at most 6% for the images on a 2-core EPYC, drops out).
 ``DEFAULT_STEPS_PER_CALL``: 100 for sinusoid (per-call dispatch is a large part of a ~0.3 ms
 step, 3,102 it/s on an AVX-512 EPYC in ``experiments/results/bench/epyc512_rounds3_4a993ec.md``;
-fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU).
+fusing measured ~1.9x), 1 for the image workloads (a step takes seconds on CPU; 5 per call ran
+omniglot-20w1s no faster, ``experiments/results/bench/tried_2026-12-07.md``).
 
 ``--all --compare-peers`` also runs each PyTorch peer of ``torch_peers.py`` (``--peers-python``
 of the peers' venv, ``--l2l-src`` for learn2learn) on each workload and prints a table of ours
