@@ -11,6 +11,7 @@ import time
 import jax
 
 from maml_jax import bench
+from maml_jax.host import request_cpu_devices
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
         raise SystemExit("usage: lower_time.py WORKLOAD on|off")
     jax.config.update("jax_use_direct_linearize", setting == "on")
     devices = bench.DEFAULT_CPU_DEVICES[bench.WORKLOADS[name]["kind"]]
-    jax.config.update("jax_num_cpu_devices", devices)
+    request_cpu_devices(devices)
     conv = bench.default_conv_impl(name, cpu_devices=devices)
     times = []
     for _ in range(3):

@@ -24,13 +24,14 @@ print(json.dumps({"config": cfg, "label": label, "rc": int(rc), "wall_s": float(
 PY
   tail -1 "$out"
 }
+pairs() { # CFG ITERS ROUNDS: one device, then two, in odd rounds; two first in even rounds
+  local cfg=$1 iters=$2 r
+  for r in $(seq 1 "$3"); do
+    if [ $((r % 2)) = 1 ]; then run "$cfg" "one_$r" "$iters"; run "$cfg" "two_$r" "$iters" --cpu-devices 2 --config.num_devices=2
+    else run "$cfg" "two_$r" "$iters" --cpu-devices 2 --config.num_devices=2; run "$cfg" "one_$r" "$iters"; fi
+  done
+}
 run omniglot_5w1s warmup 20
-for r in 1 2 3; do
-  if [ $((r % 2)) = 1 ]; then run omniglot_5w1s one_$r 80; run omniglot_5w1s two_$r 80 --cpu-devices 2 --config.num_devices=2
-  else run omniglot_5w1s two_$r 80 --cpu-devices 2 --config.num_devices=2; run omniglot_5w1s one_$r 80; fi
-done
-for r in 1 2; do
-  if [ $((r % 2)) = 1 ]; then run omniglot_20w1s one_$r 60; run omniglot_20w1s two_$r 60 --cpu-devices 2 --config.num_devices=2
-  else run omniglot_20w1s two_$r 60 --cpu-devices 2 --config.num_devices=2; run omniglot_20w1s one_$r 60; fi
-done
+pairs omniglot_5w1s 80 3
+pairs omniglot_20w1s 60 2
 echo "{\"done\": true}" >> "$out"
