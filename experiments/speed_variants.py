@@ -36,6 +36,14 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   the images, then each image's convolution recomputed, normalised, rectified and pooled in a
   second, so that no block's full-size activations are written out whole. 38% slower than
   ``chunkconv1`` on miniimagenet-5w1s (same file).
+* ``firstwhole``: the RGB input layer (fewer than 8 input channels) as one ``"patches"``
+  convolution over the whole batch, the later layers as the bench picks (per image on two CPU
+  devices): the per-image loop at the input layer writes its ``[n, 84, 84, 32]`` output into a
+  zero-filled loop buffer (``wrapped_broadcast`` in ``profile_miniimagenet-5w1s_zen3_2devices.md``)
+  and runs 75 iterations of a ``K = 27`` matmul; its whole-batch patch matrix is 57 MB. 9% slower
+  on miniimagenet-5w1s (``results/bench/tried_2026-12-07.md``).
+* ``firstchunkN``: as ``firstwhole`` but the input layer in ``chunked_conv`` groups of N images;
+  ``firstchunk15`` 14% slower (same file).
 * ``nocse``: ``chunkconv1`` with ``jax.checkpoint(..., prevent_cse=False)``; 5% slower (same file).
 * ``splitmap``: ``batched_meta_grad`` of MAML with ``task_map="map"`` split in three
   (``split_meta_grad``): every task's first inner step from the shared θ at once (``vmap``: one
@@ -313,6 +321,17 @@ def chunked_conv(x, k, stride, chunk, prevent_cse=True):
     group = jax.checkpoint(lambda xi, k_: conv4.patch_conv(xi, k_, stride), prevent_cse=prevent_cse)
     out = jax.lax.map(lambda xi: group(xi, k), x.reshape(n // b, b, *x.shape[1:]))
     return out.reshape(n, *out.shape[2:])
+
+
+def input_layer_conv(first: Callable, min_channels: int = 8) -> Callable:
+    """A ``conv4.conv3x3`` that runs ``first(x, k, stride)`` on layers with fewer than
+    ``min_channels`` input channels (the RGB input layer) and the library's own on the rest."""
+    plain = conv4.conv3x3
+
+    def conv3x3(x, k, stride, impl):
+        return first(x, k, stride) if x.shape[-1] < min_channels else plain(x, k, stride, impl)
+
+    return conv3x3
 
 
 def budget_chunk(x_shape: tuple[int, ...], stride: int, budget_bytes: int, itemsize: int = 4) -> int:
@@ -593,6 +612,11 @@ def patch(variant: str) -> None:
         _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, budget_chunk(x.shape, s, budget, x.dtype.itemsize)))
     elif variant == "fusedblock":
         conv4._Conv4 = PerImageConv4  # conv4.conv4 looks _Conv4 up at call time
+    elif variant == "firstwhole":
+        conv4.conv3x3 = input_layer_conv(conv4.patch_conv)
+    elif variant.startswith("firstchunk") and variant[10:].isdigit():
+        chunk = int(variant[10:])
+        conv4.conv3x3 = input_layer_conv(lambda x, k, s: chunked_conv(x, k, s, chunk))
     elif variant == "nocse":
         _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, 1, prevent_cse=False))
     elif variant == "splitmap":

@@ -109,6 +109,20 @@ def test_chunked_conv_matches_the_patch_convolution_to_second_order(x64, chunk, 
     np.testing.assert_allclose(hvp(custom, v)(k), hvp(plain, v)(k), rtol=1e-9, atol=1e-10)
 
 
+def test_input_layer_conv_routes_only_the_few_channel_layer(x64):
+    """``firstwhole``'s dispatch: the 3-channel input layer runs the given convolution (one patch
+    matmul, no loop), a layer with 8 channels the library's own (``patches_per_image``: a loop over
+    the images); both compute the patch convolution."""
+    kx, kk = jax.random.split(jax.random.PRNGKey(6))
+    conv = speed_variants.input_layer_conv(speed_variants.conv4.patch_conv)
+    for channels, looped in ((3, False), (8, True)):
+        x = jax.random.normal(kx, (4, 6, 6, channels))
+        k = jax.random.normal(kk, (3, 3, channels, 5))
+        jaxpr = str(jax.make_jaxpr(lambda x_, k_: conv(x_, k_, 1, "patches_per_image"))(x, k))
+        assert ("scan" in jaxpr) == looped
+        np.testing.assert_allclose(conv(x, k, 1, "patches_per_image"), conv3x3(x, k, 1, "patches"), rtol=1e-12)
+
+
 def test_budget_chunk_sizes_groups_by_patch_matrix_bytes():
     # one 42x42x32 image's patch matrix is 42·42·288·4 bytes = 2,032,128 B; 10x10x32's 115,200 B
     assert speed_variants.budget_chunk((75, 42, 42, 32), 1, 1 << 20) == 1  # over budget: still 1
