@@ -123,6 +123,28 @@ def test_input_layer_conv_routes_only_the_few_channel_layer(x64):
         np.testing.assert_allclose(conv(x, k, 1, "patches_per_image"), conv3x3(x, k, 1, "patches"), rtol=1e-12)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_per_image_conv_with_bias_is_the_conv_plus_bias_to_second_order(x64, stride):
+    """``biasinloop``: the bias added inside the per-image loop gives the library's conv + bias:
+    values, gradients and Hessian-vector products in the kernel and the bias together."""
+    x, k, v = conv_problem()
+    b = jax.random.normal(jax.random.PRNGKey(7), (4,))
+    w = (v, jax.random.normal(jax.random.PRNGKey(8), (4,)))
+
+    def loss(conv):
+        return lambda kb: jnp.sum(jnp.tanh(conv(x, *kb)) ** 2)
+
+    inside = loss(lambda x_, k_, b_: speed_variants.per_image_conv_with_bias(x_, k_, b_, stride))
+    outside = loss(lambda x_, k_, b_: conv3x3(x_, k_, stride, "patches_per_image") + b_)
+    assert "scan" in str(jax.make_jaxpr(inside)((k, b)))
+    np.testing.assert_allclose(inside((k, b)), outside((k, b)), rtol=1e-12)
+    for got, want in zip(jax.grad(inside)((k, b)), jax.grad(outside)((k, b)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    hvp_kb = lambda f: jax.grad(lambda kb: sum(jnp.vdot(g, u) for g, u in zip(jax.grad(f)(kb), w, strict=True)))  # noqa: E731
+    for got, want in zip(hvp_kb(inside)((k, b)), hvp_kb(outside)((k, b)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_budget_chunk_sizes_groups_by_patch_matrix_bytes():
     # one 42x42x32 image's patch matrix is 42·42·288·4 bytes = 2,032,128 B; 10x10x32's 115,200 B
     assert speed_variants.budget_chunk((75, 42, 42, 32), 1, 1 << 20) == 1  # over budget: still 1
