@@ -192,12 +192,19 @@ def mean_over_tasks(fn: Callable[[Task], Any], tasks: Task, task_map: TaskMap = 
     On XLA:CPU this is also faster than ``lax.map`` followed by ``jnp.mean(axis=0)``: that
     reduction over the task axis goes to YNNPACK, which took about 5% of the omniglot-5w1s step
     (README, Speed). The sum runs in task order, so its rounding differs from ``jnp.mean``'s.
+    ``fn`` is traced once (``jax.jit(fn, inline=True)``): that one trace gives the running sum's
+    shapes and the loop body, and the compiled program is the one two traces gave.
     """
     if task_map == "vmap":
         return jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(fn)(tasks))
     if task_map != "map":
         raise HyperparameterError(f"task_map must be 'vmap' or 'map', got {task_map!r}")
     count = jax.tree.leaves(tasks)[0].shape[0]
+    # One trace of fn serves both the output shapes and the loop body: jit caches the trace of
+    # its function by argument shapes (a plain fn is traced twice, by eval_shape and by scan, and
+    # for a second-order task gradient that trace is most of JAX's share of the compile), and
+    # inline=True puts the traced equations in the loop body itself, so the program is unchanged.
+    fn = jax.jit(fn, inline=True)
     out = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], tasks))
     mean_dtypes = jax.tree.map(lambda s: jax.eval_shape(lambda: jnp.mean(jnp.zeros((1,), s.dtype))).dtype, out)
     # Like jnp.mean, half-width floats (bf16, f16) are summed in float32 and cast back at the end.

@@ -121,6 +121,29 @@ def test_mean_over_tasks_is_the_task_mean_of_a_loop_in_both_maps(x64):
         mean_over_tasks(fn, tasks, "pmap")
 
 
+def test_mean_over_tasks_traces_the_task_function_once():
+    """The running-sum loop needs the output shapes before its body is traced; both come from one
+    trace of the per-task function (JAX's share of the compile of a second-order step is mostly
+    that trace), also when the function closes over a traced value, as a meta-gradient closes over
+    the meta-parameters."""
+    tasks = {"x": jnp.arange(12.0).reshape(4, 3)}
+    traces = []
+
+    def mean_of(w, tasks):
+        def fn(task):
+            traces.append(1)
+            return {"g": jnp.sin(task["x"] * w).sum(), "n": task["x"] * w}
+
+        return mean_over_tasks(fn, tasks, "map")
+
+    got = jax.jit(mean_of)(2.0, tasks)
+    assert len(traces) == 1
+    np.testing.assert_allclose(got["n"], np.mean(np.arange(12.0).reshape(4, 3) * 2.0, axis=0), rtol=1e-6)
+    traces.clear()
+    jax.jit(jax.grad(lambda w: mean_of(w, tasks)["g"]))(2.0)
+    assert len(traces) == 1
+
+
 def test_mean_over_tasks_sums_bf16_in_float32():
     # 300 tasks of bf16 ones: a bf16 running sum sticks at 256 (spacing 2 there), so its mean
     # would be 256/300; like jnp.mean, the sum runs in float32 and the result is cast to bf16.
