@@ -11,17 +11,12 @@ import time
 
 import jax
 import numpy as np
-
-from maml_jax import bench
-from maml_jax.host import request_cpu_devices
+from lower_time import default_chunk  # this folder is sys.path[0] when run as a script
 
 
 def main() -> None:
     name = sys.argv[1]
-    devices = bench.DEFAULT_CPU_DEVICES[bench.WORKLOADS[name]["kind"]]
-    request_cpu_devices(devices)
-    conv = bench.default_conv_impl(name, cpu_devices=devices)
-    chunk, state, _, _ = bench.build_chunk(name, bench.default_task_map(name), 1, conv, None, devices)
+    chunk, state = default_chunk(name)
     t0 = time.perf_counter()
     lowered = chunk.lower(state, None)
     lower_s = time.perf_counter() - t0
