@@ -49,7 +49,7 @@ def inner_adapt(
       support: ``Batch(x: [n, *features], y: [n, *targets])`` of one task.
       task_loss_fn: ``(params, batch) -> (loss, aux)``.
       num_inner_steps: K >= 0 (static). 0 returns ``params``. The first step runs on its
-        own and the other K − 1 in one ``lax.scan``.
+        own and the other K − 1 in one ``lax.scan`` (none when K = 1).
       inner_lr: α for plain SGD; or give ``inner_update_fn`` (exactly one of the two).
       inner_update_fn: ``(params, grads, step) -> params``, see ``maml_jax.inner_updates``.
       first_order: FOMAML: treat the inner gradients as constants (``stop_gradient``).
@@ -106,6 +106,10 @@ def inner_adapt(
     # per-task copy (a scan carry is batched from the start), so its forward and backward
     # passes are ordinary batched ops rather than per-task (grouped) ones.
     first, out0 = one_step(params, jnp.zeros((), jnp.int32))
+    if num_inner_steps == 1:
+        # No empty scan: its body would be traced, differentiated and lowered for nothing
+        # (XLA drops the zero-trip loop, so only the compile time changes).
+        return first, jax.tree.map(lambda a: a[None], out0)
     adapted, trace = jax.lax.scan(one_step, first, jnp.arange(1, num_inner_steps))
     trace = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), out0, trace)
     return adapted, trace

@@ -9,7 +9,16 @@ import numpy as np
 import optax
 import pytest
 
-from maml_jax import batched_meta_loss, init_train_state, make_train_step, mean_over_tasks, meta_loss, mlp, mse_loss
+from maml_jax import (
+    batched_meta_loss,
+    init_train_state,
+    inner_adapt,
+    make_train_step,
+    mean_over_tasks,
+    meta_loss,
+    mlp,
+    mse_loss,
+)
 from maml_jax.data import sinusoid
 from maml_jax.validation import HyperparameterError
 
@@ -142,6 +151,26 @@ def test_mean_over_tasks_traces_the_task_function_once():
     traces.clear()
     jax.jit(jax.grad(lambda w: mean_of(w, tasks)["g"]))(2.0)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_inner_adapt_traces_the_task_loss_once_per_form(setup, num_steps):
+    """The task loss is traced once for the first inner step, once for the scan body of the
+    others (none when there is only one step: no empty scan) and once for the query loss."""
+    model, params, tasks = setup
+    task = task_slice(tasks, 0)
+    calls = []
+
+    def loss(p, batch):
+        calls.append(1)
+        return mse_loss(model.apply)(p, batch)
+
+    f = lambda p: meta_loss(p, task, loss, num_inner_steps=num_steps, inner_lr=0.05)
+    jax.jit(jax.grad(f, has_aux=True))(params)
+    assert len(calls) == (2 if num_steps == 1 else 3)
+    _, trace = inner_adapt(params, task.support, mse_loss(model.apply), num_inner_steps=num_steps, inner_lr=0.05)
+    assert trace["support_loss"].shape == (num_steps,)
+    np.testing.assert_allclose(trace["support_loss"][0], mse_loss(model.apply)(params, task.support)[0], rtol=1e-6)
 
 
 def test_mean_over_tasks_sums_bf16_in_float32():
