@@ -583,6 +583,23 @@ def split_map_grads() -> None:
     bench.maml, bench.batched_meta_grad = maml, batched_meta_grad
 
 
+def scan_all_inner_adapt(params, support, task_loss_fn, *, num_inner_steps, inner_update_fn, **switches):
+    """``core.inner_adapt`` (as ``core.meta_loss`` calls it: ``inner_update_fn``, ``first_order``,
+    ``remat``) with all K steps in one ``lax.scan``, the first included, instead of the first
+    step on its own: one copy of the inner step in the program instead of two."""
+    grad_fn = jax.value_and_grad(task_loss_fn, has_aux=True)
+    if switches.get("remat") or switches.get("remat_policy") is not None or switches.get("unroll", 1) != 1:
+        raise ValueError("scanall neither rematerialises nor unrolls")
+
+    def one_step(p, step):
+        (loss, _), grads = grad_fn(p, support)
+        if switches.get("first_order"):
+            grads = jax.lax.stop_gradient(grads)
+        return inner_update_fn(p, grads, step), {"support_loss": loss}
+
+    return jax.lax.scan(one_step, params, jnp.arange(num_inner_steps))
+
+
 def _with_map(plain: Callable, mapped: Callable) -> Callable:
     """``map_tasks`` that runs ``task_map="map"`` as ``mapped(fn, tasks)``, other maps as ``plain``."""
 
@@ -655,6 +672,10 @@ def patch(variant: str) -> None:
         _replace_patch_convs(lambda x, k, s: chunked_conv(x, k, s, 1, prevent_cse=False))
     elif variant == "splitmap":
         split_map_grads()
+    elif variant == "scanall":
+        importlib.import_module("maml_jax.core").inner_adapt = scan_all_inner_adapt  # meta_loss looks it up
+    elif variant == "unrollinner":
+        bench.maml = functools.partial(bench.maml, unroll=True)  # the library's option, in bench's step
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":

@@ -242,6 +242,7 @@ def build_chunk(
     num_devices: int = 1,
     fixed_tasks: bool = False,
     compute_dtype: str = "float32",
+    inner_unroll: bool = False,
 ):
     """``(jitted chunk(state, data) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
     ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
@@ -249,8 +250,10 @@ def build_chunk(
     ``parallel.make_sharded_train_chunk``, the chunk ``maml-jax train`` runs. The state is donated.
     Call it with ``data=None``; with ``fixed_tasks`` call it with ``data=tasks`` (replicated on the
     devices with the state): every step then trains on that one batch, as the PyTorch peers time
-    it (no sampling in the timed step)."""
-    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks, compute_dtype)
+    it (no sampling in the timed step). ``inner_unroll``: the inner loop unrolled (``unroll=True``
+    of ``core.inner_adapt``, as ``--config.inner_unroll=true``)."""
+    unroll = {"unroll": True} if inner_unroll else {}
+    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks, compute_dtype, **unroll)
     make_step = _step_maker(optimizer, make_grads, make_objective)
     sample = _given_tasks if fixed_tasks else sample_fn(name, num_tasks)
     if num_devices == 1:
@@ -358,6 +361,7 @@ def measure(
     cpu_devices: int | None = None,
     fixed_tasks: bool = False,
     compute_dtype: str = "float32",
+    inner_unroll: bool = False,
 ) -> dict:
     """Compile, warm up, then time about ``iters`` meta-steps: whole calls of the fused chunk
     (``steps_per_call`` steps each) in at most ``windows`` equal windows, so the count is rounded
@@ -368,7 +372,8 @@ def measure(
     ``DEFAULT_CPU_DEVICES``; at most ``jax.device_count()``, which ``main`` raises with
     ``jax_num_cpu_devices``; 1 off CPU). ``fixed_tasks``: every step trains on one batch sampled
     before timing, as the PyTorch peers do, instead of sampling a new batch on device each step.
-    ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's)."""
+    ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's).
+    ``inner_unroll``: the inner loop unrolled (``build_chunk``)."""
     task_map = task_map or default_task_map(name)
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
@@ -377,7 +382,7 @@ def measure(
     conv_impl = conv_impl or default_conv_impl(name, cpu_devices=n_dev)
     check_task_split(name, num_tasks, n_dev)
     chunk, state, tasks, _ = build_chunk(
-        name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks, compute_dtype
+        name, task_map, steps_per_call, conv_impl, num_tasks, n_dev, fixed_tasks, compute_dtype, inner_unroll
     )
     data = tasks if fixed_tasks else None
     t0 = time.perf_counter()
@@ -413,6 +418,7 @@ def measure(
         "fixed_tasks": fixed_tasks,
         "conv_impl": None if WORKLOADS[name]["kind"] == "mlp" else conv_impl,
         "compute_dtype": compute_dtype,
+        "inner_unroll": inner_unroll,
         "tasks": int(tasks.query.x.shape[0]),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
@@ -437,6 +443,8 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
             cmd += [flag, str(kwargs[key])]
     if kwargs.get("fixed_tasks"):
         cmd.append("--fixed-tasks")
+    if kwargs.get("inner_unroll"):
+        cmd.append("--inner-unroll")
     cmd += ["--compute-dtype", kwargs.get("compute_dtype") or COMPUTE_DTYPES[0]]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -572,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         "workloads, 1 for the sinusoid (DEFAULT_CPU_DEVICES); ignored off CPU",
     )
     ap.add_argument(
+        "--inner-unroll",
+        action="store_true",
+        help="unroll the inner loop (no loop in the step; longer compile), as --config.inner_unroll=true",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -622,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["cpu_devices"] = devices_of[name]
         kwargs["fixed_tasks"] = a.fixed_tasks
         kwargs["compute_dtype"] = a.compute_dtype
+        kwargs["inner_unroll"] = a.inner_unroll
         rounds = []
         for _ in range(a.rounds if a.compare_peers else 1):
             if in_process or not cpus_of[name]:

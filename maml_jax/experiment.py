@@ -228,6 +228,7 @@ def train_model(
         first_order=config.first_order,
         remat=config.remat,
         inner_grad_clip=config.inner_grad_clip,
+        unroll=config.inner_unroll,
     )
     grads = functools.partial(batched_meta_grad, grad_algorithm, task_map=resolve_task_map(config.task_map))
     mesh = device_mesh(config)  # None: one device

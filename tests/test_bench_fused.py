@@ -138,6 +138,7 @@ def test_measure_reports_fixed_tasks(step_clock):
     r = bench.measure("sinusoid", iters=4, warmup=0, num_tasks=2, steps_per_call=2, windows=2, fixed_tasks=True)
     assert step_clock.calls == [2, 2]
     assert r["fixed_tasks"] is True and r["iters"] == 4 and r["it_per_s"] == 1 / SECONDS_PER_STEP
+    assert r["inner_unroll"] is False
 
 
 def test_median_call_ms_warms_up_once_then_takes_the_median_of_the_timed_calls(monkeypatch):

@@ -161,3 +161,23 @@ def test_measure_defaults_to_vmap_off_the_cpu(monkeypatch):
     monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
     result = bench.measure("omniglot-5w1s", iters=1, warmup=0, windows=1, num_tasks=2)
     assert result["task_map"] == "vmap" and result["it_per_s"] > 0
+
+
+def test_inner_unroll_reaches_the_step_and_the_pinned_child(monkeypatch):
+    """``--inner-unroll``: the chunk's inner loop (and its transpose) is unrolled, so the lowered
+    step has two ``while`` loops fewer; a pinned child gets the flag."""
+    whiles = []
+    for unroll in (False, True):
+        chunk, state, _, _ = bench.build_chunk("omniglot-20w1s", "map", 1, num_tasks=2, inner_unroll=unroll)
+        whiles.append(chunk.lower(state, None).as_text().count("stablehlo.while"))
+    assert whiles[1] == whiles[0] - 2
+    ran = []
+
+    def fake_run(cmd, **kwargs):
+        ran.append(cmd)
+        return type("Done", (), {"returncode": 0, "stdout": '{"it_per_s": 1.0}\n', "stderr": ""})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench.measure_in_child("omniglot-20w1s", 2, 0, 1)
+    bench.measure_in_child("omniglot-20w1s", 2, 0, 1, inner_unroll=True)
+    assert "--inner-unroll" not in ran[0] and "--inner-unroll" in ran[1]

@@ -238,6 +238,37 @@ def test_split_map_is_the_mapped_maml_meta_gradient(x64, monkeypatch, steps):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_scan_all_inner_adapt_is_the_library_meta_loss(x64, monkeypatch, first_order):
+    """``scanall``: every inner step in the scan, the first included; the same meta-loss, metrics
+    and (second- or first-order) meta-gradient as ``core.meta_loss``, whose first step runs on its
+    own."""
+    from maml_jax import core, mlp, mse_loss
+    from maml_jax.data import sinusoid
+    from maml_jax.inner_updates import sgd
+
+    model = mlp((8, 8), 1, activation="tanh")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))
+    task = jax.tree.map(lambda a: a[0], sinusoid.sample_tasks(jax.random.PRNGKey(1), 1, num_support=5, num_query=6))
+    kw = dict(num_inner_steps=3, inner_update_fn=sgd(0.3), first_order=first_order)
+    f = lambda p: core.meta_loss(p, task, mse_loss(model.apply), **kw)  # noqa: E731
+    plain = jax.value_and_grad(f, has_aux=True)(params)
+    monkeypatch.setattr(core, "inner_adapt", core.inner_adapt)
+    speed_variants.patch("scanall")
+    assert core.inner_adapt is speed_variants.scan_all_inner_adapt
+    scanned = jax.value_and_grad(f, has_aux=True)(params)
+    loops = jax.jit(jax.grad(lambda p: f(p)[0])).lower(params).as_text().count("stablehlo.while")
+    assert loops == 2  # the inner loop and its transpose (the library: the same, over K - 1 steps)
+    chex.assert_trees_all_close(scanned, plain, rtol=1e-12, atol=1e-14)
+    assert float(jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(plain[1])))) > 1e-3  # not ~0
+
+
+def test_unroll_inner_builds_bench_maml_with_the_library_unroll(monkeypatch):
+    monkeypatch.setattr(speed_variants.bench, "maml", speed_variants.bench.maml)
+    speed_variants.patch("unrollinner")
+    assert speed_variants.bench.maml.keywords == {"unroll": True}
+
+
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):
     a = jax.random.normal(jax.random.PRNGKey(0), (150, 6))
     g = jax.random.normal(jax.random.PRNGKey(1), (150, 4))

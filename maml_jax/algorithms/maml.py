@@ -21,9 +21,11 @@ def maml(
     first_order: bool = False,
     remat: bool = False,
     inner_grad_clip: float = 0.0,
+    unroll: int | bool = 1,
 ) -> Algorithm:
     """``meta_params`` are the model's parameters; the meta-gradient is ∇_θ L_query(θ').
-    ``remat`` rematerialises the inner steps (``core.inner_adapt``). ``inner_grad_clip`` > 0
+    ``remat`` rematerialises the inner steps and ``unroll`` unrolls their loop in training
+    (``core.inner_adapt``; evaluation keeps the loop). ``inner_grad_clip`` > 0
     clips each inner gradient to that global norm (``inner_updates.clip_by_global_norm``), in
     training and in ``evaluate``; second order differentiates through the clipping. Through
     ``batched_meta_grad`` with ``task_map="map"`` each task's gradient is taken inside the
@@ -33,7 +35,7 @@ def maml(
     update = sgd(inner_lr, inner_grad_clip)  # checks inner_lr
 
     def loss(meta_params, task, num_steps, train=True):
-        switches = {"first_order": first_order, "remat": remat} if train else {}
+        switches = {"first_order": first_order, "remat": remat, "unroll": unroll} if train else {}
         return meta_loss(meta_params, task, task_loss_fn, num_inner_steps=num_steps, inner_update_fn=update, **switches)
 
     name = "fomaml" if first_order else "maml"
