@@ -109,6 +109,14 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   result whose VJP is two more of itself, so that JAX emits only bf16 x bf16 → float32 matmuls
   at every derivative order (XLA:CPU still runs the kernel gradient, which contracts the patch
   rows, in float32). No forward mode (iMAML).
+* ``scanall``: every inner step in the ``lax.scan``, the first included (``scan_all_inner_adapt``),
+  instead of ``core.inner_adapt``'s first step on its own: one copy of the inner step in the
+  program instead of two. Shorter compiles; on miniimagenet-5w1s slower in 8 of 11 alternated
+  rounds, on omniglot-20w1s faster in 4 of 7, within noise (``results/bench/inner_loop_zen3.md``).
+* ``unrollinner``: the library's ``maml(..., unroll=True)`` in the bench's step (the inner loop
+  unrolled, as ``--config.inner_unroll=true`` and ``bench --inner-unroll``). Its 7 alternated
+  rounds on miniimagenet-5w1s ran an earlier form, ``scanall``'s scan with ``unroll=True`` (the
+  same straight-line steps), and were all faster than ``base`` (same file). Kept as an option.
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ def test_bench_offers_each_model_convolution_once_with_patches_first():
     assert sorted(bench.CONV_IMPLS) == sorted(CONV_IMPLS) and bench.CONV_IMPLS[0] == "patches"
 
 
-def test_a_pinned_child_gets_the_conv_impl_only_when_one_is_given(monkeypatch):
-    """Without ``--conv-impl`` the child resolves the default for its own backend."""
+def record_child_commands(monkeypatch) -> list[list[str]]:
+    """The commands ``measure_in_child`` would run, recorded instead (each child reports 1 it/s)."""
     ran = []
 
     def fake_run(cmd, **kwargs):
@@ -148,6 +148,12 @@ def test_a_pinned_child_gets_the_conv_impl_only_when_one_is_given(monkeypatch):
         return type("Done", (), {"returncode": 0, "stdout": '{"it_per_s": 1.0}\n', "stderr": ""})()
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    return ran
+
+
+def test_a_pinned_child_gets_the_conv_impl_only_when_one_is_given(monkeypatch):
+    """Without ``--conv-impl`` the child resolves the default for its own backend."""
+    ran = record_child_commands(monkeypatch)
     bench.measure_in_child("miniimagenet-5w1s", 2, 0, 1)
     bench.measure_in_child("miniimagenet-5w1s", 2, 0, 1, conv_impl="patches")
     assert "--conv-impl" not in ran[0]
@@ -171,13 +177,7 @@ def test_inner_unroll_reaches_the_step_and_the_pinned_child(monkeypatch):
         chunk, state, _, _ = bench.build_chunk("omniglot-20w1s", "map", 1, num_tasks=2, inner_unroll=unroll)
         whiles.append(chunk.lower(state, None).as_text().count("stablehlo.while"))
     assert whiles[1] == whiles[0] - 2
-    ran = []
-
-    def fake_run(cmd, **kwargs):
-        ran.append(cmd)
-        return type("Done", (), {"returncode": 0, "stdout": '{"it_per_s": 1.0}\n', "stderr": ""})()
-
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    ran = record_child_commands(monkeypatch)
     bench.measure_in_child("omniglot-20w1s", 2, 0, 1)
     bench.measure_in_child("omniglot-20w1s", 2, 0, 1, inner_unroll=True)
     assert "--inner-unroll" not in ran[0] and "--inner-unroll" in ran[1]
