@@ -70,9 +70,9 @@ def inner_adapt(
       remat_policy: the ``jax.checkpoint`` policy (``jax.checkpoint_policies.*``) saying what
         may be saved; default ``nothing_saveable`` (smallest memory). Only with ``remat``.
       unroll: ``lax.scan``'s ``unroll`` for the K − 1 later steps; ``True`` unrolls them all
-        (no loop, one copy of the step per inner step in the program). The same values up to float rounding; longer
-        compiles. On XLA:CPU the MiniImageNet meta-step (K = 5) ran faster unrolled
-        (README, Speed).
+        (no loop, one copy of the step per inner step in the program). The same values up to
+        float rounding; longer compiles. On XLA:CPU the MiniImageNet meta-step (K = 5) ran
+        faster unrolled (README, Speed).
 
     Returns:
       ``(adapted_params, trace)`` where ``trace["support_loss"]: [K]`` is the support loss
