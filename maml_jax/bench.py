@@ -252,8 +252,9 @@ def build_chunk(
     devices with the state): every step then trains on that one batch, as the PyTorch peers time
     it (no sampling in the timed step). ``inner_unroll``: the inner loop unrolled (``unroll=True``
     of ``core.inner_adapt``, as ``--config.inner_unroll=true``)."""
-    unroll = {"unroll": True} if inner_unroll else {}
-    state, tasks, optimizer, make_grads, make_objective = _setup(name, conv_impl, num_tasks, compute_dtype, **unroll)
+    state, tasks, optimizer, make_grads, make_objective = _setup(
+        name, conv_impl, num_tasks, compute_dtype, unroll=inner_unroll
+    )
     make_step = _step_maker(optimizer, make_grads, make_objective)
     sample = _given_tasks if fixed_tasks else sample_fn(name, num_tasks)
     if num_devices == 1:
