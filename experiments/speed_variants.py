@@ -117,6 +117,11 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   unrolled, as ``--config.inner_unroll=true`` and ``bench --inner-unroll``). Its 7 alternated
   rounds on miniimagenet-5w1s ran an earlier form, ``scanall``'s scan with ``unroll=True`` (the
   same straight-line steps), and were all faster than ``base`` (same file). Kept as an option.
+  From 87d983b until the fix that added ``maml_with_unroll`` it was a no-op: ``bench._setup``
+  passes ``unroll=False`` itself, which overrode the ``functools.partial(maml, unroll=True)`` it
+  was then (``results/bench/tried_2026-12-07_unroll.md``).
+* ``unrollinnerN``: ``maml(..., unroll=N)``: the K - 1 later inner steps in a loop that runs N of
+  them per trip (``lax.scan``'s ``unroll=N``), a middle way between the loop and ``unrollinner``.
 """
 
 from __future__ import annotations
@@ -650,6 +655,16 @@ def _replace_patch_convs(conv: Callable) -> None:
     conv4.conv3x3 = lambda x, k, s, i: conv(x, k, s) if i in patch_forms else plain(x, k, s, i)
 
 
+def maml_with_unroll(plain_maml: Callable, unroll: int | bool) -> Callable:
+    """``plain_maml`` with ``unroll`` forced. Not a ``functools.partial``: ``bench._setup`` passes
+    its own ``unroll`` (``False`` unless ``--inner-unroll``), which would override a partial's."""
+
+    def unrolled_maml(loss_fn, **kwargs):
+        return plain_maml(loss_fn, **{**kwargs, "unroll": unroll})
+
+    return unrolled_maml
+
+
 def patch(variant: str) -> None:
     """Apply one named variant to the library modules of this process."""
     if variant == "base":
@@ -683,7 +698,9 @@ def patch(variant: str) -> None:
     elif variant == "scanall":
         importlib.import_module("maml_jax.core").inner_adapt = scan_all_inner_adapt  # meta_loss looks it up
     elif variant == "unrollinner":
-        bench.maml = functools.partial(bench.maml, unroll=True)  # the library's option, in bench's step
+        bench.maml = maml_with_unroll(bench.maml, True)  # the library's option, in bench's step
+    elif variant.startswith("unrollinner") and variant[11:].isdigit():
+        bench.maml = maml_with_unroll(bench.maml, int(variant[11:]))  # N steps per loop trip
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":

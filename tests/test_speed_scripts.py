@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from experiment_scripts import load
 
-from maml_jax import bench
+from maml_jax import algorithms, bench
 from maml_jax.models.conv4 import conv3x3
 
 speed_variants = load("speed_variants")
@@ -263,10 +263,22 @@ def test_scan_all_inner_adapt_is_the_library_meta_loss(x64, monkeypatch, first_o
     assert float(jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(plain[1])))) > 1e-3  # not ~0
 
 
-def test_unroll_inner_builds_bench_maml_with_the_library_unroll(monkeypatch):
-    monkeypatch.setattr(speed_variants.bench, "maml", speed_variants.bench.maml)
-    speed_variants.patch("unrollinner")
-    assert speed_variants.bench.maml.keywords == {"unroll": True}
+def test_unroll_inner_variants_change_the_bench_step(monkeypatch):
+    """``unrollinner`` removes the inner loop and its transpose from the bench's lowered chunk (two
+    ``while`` fewer); ``unrollinner2`` keeps both loops with two inner steps per trip (more calls).
+    Checked on the lowered program because ``bench._setup`` passes its own ``unroll``, which
+    overrode the ``functools.partial`` this variant used to be."""
+
+    def lowered(variant):
+        monkeypatch.setattr(speed_variants.bench, "maml", algorithms.maml)
+        speed_variants.patch(variant)
+        chunk, state, _, _ = speed_variants.bench.build_chunk("omniglot-20w1s", "map", 1, num_tasks=2)
+        text = chunk.lower(state, None).as_text()
+        return text.count("stablehlo.while"), text.count("call @")
+
+    (w_base, d_base), (w_all, _), (w_two, d_two) = map(lowered, ("base", "unrollinner", "unrollinner2"))
+    assert w_all == w_base - 2
+    assert w_two == w_base and d_two > d_base
 
 
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):
