@@ -113,15 +113,15 @@ machine and compare medians. ``VARIANT`` is one of, or several joined by ``+``:
   instead of ``core.inner_adapt``'s first step on its own: one copy of the inner step in the
   program instead of two. Shorter compiles; on miniimagenet-5w1s slower in 8 of 11 alternated
   rounds, on omniglot-20w1s faster in 4 of 7, within noise (``results/bench/inner_loop_zen3.md``).
-* ``unrollinner``: the library's ``maml(..., unroll=True)`` in the bench's step (the inner loop
-  unrolled, as ``--config.inner_unroll=true`` and ``bench --inner-unroll``). Its 7 alternated
-  rounds on miniimagenet-5w1s ran an earlier form, ``scanall``'s scan with ``unroll=True`` (the
-  same straight-line steps), and were all faster than ``base`` (same file). Kept as an option.
-  From 87d983b until the fix that added ``maml_with_unroll`` it was a no-op: ``bench._setup``
-  passes ``unroll=False`` itself, which overrode the ``functools.partial(maml, unroll=True)`` it
-  was then (``results/bench/tried_2026-12-07_unroll.md``).
-* ``unrollinnerN``: ``maml(..., unroll=N)``: the K - 1 later inner steps in a loop that runs N of
-  them per trip (``lax.scan``'s ``unroll=N``), a middle way between the loop and ``unrollinner``.
+* ``unrollinner``: the inner loop unrolled, through the bench's own ``inner_unroll=True`` (as
+  ``bench --inner-unroll`` and ``--config.inner_unroll=true``). Its 7 alternated rounds on
+  miniimagenet-5w1s ran an earlier form, ``scanall``'s scan with ``unroll=True`` (the same
+  straight-line steps), and were all faster than ``base`` (same file). Kept as an option. From
+  87d983b until ef51a7e it was a no-op: it was then ``functools.partial(bench.maml, unroll=True)``,
+  and ``bench._setup`` passes ``unroll=False`` itself, which overrode the partial's
+  (``results/bench/tried_2026-12-07_unroll.md``).
+* ``unrollinnerN``: ``inner_unroll=N``: the K - 1 later inner steps in a loop that runs N of them
+  per trip (``lax.scan``'s ``unroll=N``), a middle way between the loop and ``unrollinner``.
 """
 
 from __future__ import annotations
@@ -655,14 +655,15 @@ def _replace_patch_convs(conv: Callable) -> None:
     conv4.conv3x3 = lambda x, k, s, i: conv(x, k, s) if i in patch_forms else plain(x, k, s, i)
 
 
-def maml_with_unroll(plain_maml: Callable, unroll: int | bool) -> Callable:
-    """``plain_maml`` with ``unroll`` forced. Not a ``functools.partial``: ``bench._setup`` passes
-    its own ``unroll`` (``False`` unless ``--inner-unroll``), which would override a partial's."""
-
-    def unrolled_maml(loss_fn, **kwargs):
-        return plain_maml(loss_fn, **{**kwargs, "unroll": unroll})
-
-    return unrolled_maml
+def inner_unroll_of(variants: list[str]) -> int | bool:
+    """The bench's ``inner_unroll`` for the joined variants: ``True`` with ``unrollinner``, ``N``
+    with ``unrollinnerN``, else ``False`` (the loop)."""
+    for v in variants:
+        if v == "unrollinner":
+            return True
+        if v.startswith("unrollinner") and v[11:].isdigit():
+            return int(v[11:])
+    return False
 
 
 def patch(variant: str) -> None:
@@ -697,10 +698,8 @@ def patch(variant: str) -> None:
         split_map_grads()
     elif variant == "scanall":
         importlib.import_module("maml_jax.core").inner_adapt = scan_all_inner_adapt  # meta_loss looks it up
-    elif variant == "unrollinner":
-        bench.maml = maml_with_unroll(bench.maml, True)  # the library's option, in bench's step
-    elif variant.startswith("unrollinner") and variant[11:].isdigit():
-        bench.maml = maml_with_unroll(bench.maml, int(variant[11:]))  # N steps per loop trip
+    elif variant.startswith("unrollinner") and inner_unroll_of([variant]):
+        pass  # no patch: main measures with bench's own inner_unroll (``inner_unroll_of``)
     elif variant == "unrolledrng":
         unrolled_threefry_on_cpu()
     elif variant == "bn1pass":
@@ -763,9 +762,15 @@ def main() -> None:
         ap.error("relupool needs a workload with max-pool (miniimagenet-5w1s)")
     for v in a.variant.split("+"):
         patch(v)
-    fixed = "fixedbatch" in a.variant.split("+")
+    variants = a.variant.split("+")
     r = bench.measure(
-        a.workload, iters=a.iters, warmup=2, conv_impl=a.conv_impl, cpu_devices=a.cpu_devices, fixed_tasks=fixed
+        a.workload,
+        iters=a.iters,
+        warmup=2,
+        conv_impl=a.conv_impl,
+        cpu_devices=a.cpu_devices,
+        fixed_tasks="fixedbatch" in variants,
+        inner_unroll=inner_unroll_of(variants),
     )
     print(a.variant, round(r["it_per_s"], 4), f"compile {r['compile_s']:.1f} s", flush=True)
 

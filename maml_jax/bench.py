@@ -242,7 +242,7 @@ def build_chunk(
     num_devices: int = 1,
     fixed_tasks: bool = False,
     compute_dtype: str = "float32",
-    inner_unroll: bool = False,
+    inner_unroll: int | bool = False,
 ):
     """``(jitted chunk(state, data) -> (state, metrics [steps_per_call]), state, tasks, make_step)``:
     ``steps_per_call`` train steps in one ``lax.scan``, tasks sampled on device each step and, with
@@ -250,8 +250,9 @@ def build_chunk(
     ``parallel.make_sharded_train_chunk``, the chunk ``maml-jax train`` runs. The state is donated.
     Call it with ``data=None``; with ``fixed_tasks`` call it with ``data=tasks`` (replicated on the
     devices with the state): every step then trains on that one batch, as the PyTorch peers time
-    it (no sampling in the timed step). ``inner_unroll``: the inner loop unrolled (``unroll=True``
-    of ``core.inner_adapt``, as ``--config.inner_unroll=true``)."""
+    it (no sampling in the timed step). ``inner_unroll``: ``core.inner_adapt``'s ``unroll``:
+    ``True`` unrolls the inner loop (as ``--config.inner_unroll=true``), an int N runs N inner steps
+    per loop trip; ``False`` keeps the loop."""
     state, tasks, optimizer, make_grads, make_objective = _setup(
         name, conv_impl, num_tasks, compute_dtype, unroll=inner_unroll
     )
@@ -362,7 +363,7 @@ def measure(
     cpu_devices: int | None = None,
     fixed_tasks: bool = False,
     compute_dtype: str = "float32",
-    inner_unroll: bool = False,
+    inner_unroll: int | bool = False,
 ) -> dict:
     """Compile, warm up, then time about ``iters`` meta-steps: whole calls of the fused chunk
     (``steps_per_call`` steps each) in at most ``windows`` equal windows, so the count is rounded
@@ -374,7 +375,7 @@ def measure(
     ``jax_num_cpu_devices``; 1 off CPU). ``fixed_tasks``: every step trains on one batch sampled
     before timing, as the PyTorch peers do, instead of sampling a new batch on device each step.
     ``compute_dtype="bfloat16"``: the network in bf16 (mixed precision; FLOPs counted as float32's).
-    ``inner_unroll``: the inner loop unrolled (``build_chunk``)."""
+    ``inner_unroll``: ``True`` or N, the inner loop unrolled (``build_chunk``)."""
     task_map = task_map or default_task_map(name)
     kind = WORKLOADS[name]["kind"]
     steps_per_call = min(iters, steps_per_call or DEFAULT_STEPS_PER_CALL[kind])
@@ -444,6 +445,8 @@ def measure_in_child(name: str, iters: int, warmup: int, cpus: int, **kwargs) ->
             cmd += [flag, str(kwargs[key])]
     if kwargs.get("fixed_tasks"):
         cmd.append("--fixed-tasks")
+    if not isinstance(kwargs.get("inner_unroll", False), bool):
+        raise ValueError(f"a pinned child unrolls all or nothing (--inner-unroll); got {kwargs['inner_unroll']!r}")
     if kwargs.get("inner_unroll"):
         cmd.append("--inner-unroll")
     cmd += ["--compute-dtype", kwargs.get("compute_dtype") or COMPUTE_DTYPES[0]]

@@ -170,13 +170,20 @@ def test_measure_defaults_to_vmap_off_the_cpu(monkeypatch):
 
 def test_inner_unroll_reaches_the_step_and_the_pinned_child(monkeypatch):
     """``--inner-unroll``: the chunk's inner loop (and its transpose) is unrolled, so the lowered
-    step has two ``while`` loops fewer; a pinned child gets the flag."""
-    whiles = []
-    for unroll in (False, True):
+    step has two ``while`` loops fewer; ``inner_unroll=2`` keeps both loops with two inner steps
+    per trip (more calls in them). A pinned child gets the flag, and refuses an N it cannot pass."""
+
+    def lowered(unroll):
         chunk, state, _, _ = bench.build_chunk("omniglot-20w1s", "map", 1, num_tasks=2, inner_unroll=unroll)
-        whiles.append(chunk.lower(state, None).as_text().count("stablehlo.while"))
-    assert whiles[1] == whiles[0] - 2
+        text = chunk.lower(state, None).as_text()
+        return text.count("stablehlo.while"), text.count("call @")
+
+    (w_loop, c_loop), (w_all, _), (w_two, c_two) = map(lowered, (False, True, 2))
+    assert w_all == w_loop - 2
+    assert w_two == w_loop and c_two > c_loop
     ran = record_child_commands(monkeypatch)
     bench.measure_in_child("omniglot-20w1s", 2, 0, 1)
     bench.measure_in_child("omniglot-20w1s", 2, 0, 1, inner_unroll=True)
     assert "--inner-unroll" not in ran[0] and "--inner-unroll" in ran[1]
+    with pytest.raises(ValueError, match="all or nothing"):
+        bench.measure_in_child("omniglot-20w1s", 2, 0, 1, inner_unroll=2)

@@ -263,22 +263,31 @@ def test_scan_all_inner_adapt_is_the_library_meta_loss(x64, monkeypatch, first_o
     assert float(jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(plain[1])))) > 1e-3  # not ~0
 
 
-def test_unroll_inner_variants_change_the_bench_step(monkeypatch):
-    """``unrollinner`` removes the inner loop and its transpose from the bench's lowered chunk (two
-    ``while`` fewer); ``unrollinner2`` keeps both loops with two inner steps per trip (more calls).
-    Checked on the lowered program because ``bench._setup`` passes its own ``unroll``, which
-    overrode the ``functools.partial`` this variant used to be."""
+def test_unroll_inner_variants_measure_through_the_bench_inner_unroll(monkeypatch):
+    """``unrollinner`` and ``unrollinnerN`` reach the step through ``bench.measure``'s own
+    ``inner_unroll`` (``build_chunk``'s test checks the lowered loops), not by patching ``maml``:
+    such a patch was overridden by the ``unroll`` the bench passes itself, a silent no-op."""
+    monkeypatch.setattr(speed_variants.bench, "maml", algorithms.maml)
+    measured = []
 
-    def lowered(variant):
-        monkeypatch.setattr(speed_variants.bench, "maml", algorithms.maml)
-        speed_variants.patch(variant)
-        chunk, state, _, _ = speed_variants.bench.build_chunk("omniglot-20w1s", "map", 1, num_tasks=2)
-        text = chunk.lower(state, None).as_text()
-        return text.count("stablehlo.while"), text.count("call @")
+    def fake_measure(name, **kwargs):
+        measured.append(kwargs)
+        return {"it_per_s": 1.0, "compile_s": 0.0}
 
-    (w_base, d_base), (w_all, _), (w_two, d_two) = map(lowered, ("base", "unrollinner", "unrollinner2"))
-    assert w_all == w_base - 2
-    assert w_two == w_base and d_two > d_base
+    monkeypatch.setattr(speed_variants.bench, "measure", fake_measure)
+    monkeypatch.setattr(speed_variants, "request_cpu_devices", lambda n: n)
+    for variant, want in [
+        ("base", False),
+        ("unrollinner", True),
+        ("unrollinner2", 2),
+        ("fixedbatch+unrollinner", True),
+    ]:
+        monkeypatch.setattr("sys.argv", ["speed_variants.py", variant, "omniglot-20w1s"])
+        speed_variants.main()
+        got = measured[-1]["inner_unroll"]
+        assert got == want and type(got) is type(want)  # True (all), not 1 (the loop)
+        assert measured[-1]["fixed_tasks"] == ("fixedbatch" in variant)
+    assert speed_variants.bench.maml is algorithms.maml  # nothing patched
 
 
 def test_kernel_gradient_forms_compute_the_same_matrix(x64):
