@@ -430,6 +430,8 @@ def measure(
         # None: the backend's default (TF32 tensor cores for float32 on recent NVIDIA GPUs)
         "matmul_precision": jax.config.jax_default_matmul_precision,
         "xla_flags": os.environ.get("XLA_FLAGS"),  # e.g. an LLVM optimisation level: another program
+        # glibc.malloc.hugetlb=1 where the entry point restarted itself with it (maml_jax.host)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
 
 
@@ -674,4 +676,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from maml_jax.host import reexec_with_malloc_hugepages
+
+    reexec_with_malloc_hugepages()  # before anything runs; the peers inherit the environment
     sys.exit(main())

@@ -280,5 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + err.signum
 
 
+def console_main() -> int:
+    """The ``maml-jax`` command: ``main`` in a process restarted with glibc's huge-page malloc
+    for XLA's buffers where that helps (``host.reexec_with_malloc_hugepages``)."""
+    from maml_jax.host import reexec_with_malloc_hugepages
+
+    reexec_with_malloc_hugepages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

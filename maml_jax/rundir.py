@@ -103,6 +103,7 @@ def write_run_metadata(
         "cpus": available_cpus(),  # the affinity mask (maml-jax train --cpus)
         "platform": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS"),  # e.g. an LLVM optimisation level, which may change the bits
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # the huge-page malloc (maml_jax.host); same bits
         "compile_cache": jax.config.jax_compilation_cache_dir,  # maml-jax train --compile-cache
     }
     write_json(workdir / "run.json", meta)

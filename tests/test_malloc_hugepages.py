@@ -1,0 +1,118 @@
+"""host.reexec_with_malloc_hugepages: the entry points restart once with glibc's huge-page malloc
+tunable, keep the user's own tunables and opt-out, and train the same bits as without it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from run_files import metric_rows
+from test_algorithm_runs import TINY_SINUSOID
+
+from maml_jax import host
+
+TUNABLE = host.MALLOC_HUGEPAGES_TUNABLE
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.MALLOC_HUGEPAGES_OPT_OUT)}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def capable_host(monkeypatch):
+    """A Linux host with glibc 2.36 and transparent huge pages on madvise, whatever runs the tests."""
+    monkeypatch.setattr(host.sys, "platform", "linux")
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(host, "_transparent_hugepages_possible", lambda: True)
+
+
+def test_the_tunable_is_added_to_the_users_own_and_never_overrides_a_hugetlb_setting():
+    assert host.with_malloc_hugepages({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": TUNABLE}
+    theirs = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert host.with_malloc_hugepages(theirs)["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}"
+    assert theirs == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}  # the mapping given is not changed
+    for own in ("glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2"):
+        assert host.with_malloc_hugepages({"GLIBC_TUNABLES": own}) == {"GLIBC_TUNABLES": own}
+
+
+def test_a_restart_is_wanted_only_where_glibc_and_the_kernel_can_use_it(capable_host, monkeypatch):
+    assert host.malloc_hugepages_wanted({})
+    for off in ("0", "false", "off"):
+        assert not host.malloc_hugepages_wanted({host.MALLOC_HUGEPAGES_OPT_OUT: off})
+    assert host.malloc_hugepages_wanted({host.MALLOC_HUGEPAGES_OPT_OUT: "1"})
+    assert not host.malloc_hugepages_wanted({"GLIBC_TUNABLES": TUNABLE})  # already restarted
+    assert not host.malloc_hugepages_wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})  # the user's choice
+    for libc in (("glibc", "2.34"), ("glibc", ""), ("", ""), ("musl", "1.2")):
+        monkeypatch.setattr(host.platform, "libc_ver", lambda libc=libc: libc)
+        assert not host.malloc_hugepages_wanted({}), libc
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: ("glibc", "2.40"))
+    assert host.malloc_hugepages_wanted({})
+    monkeypatch.setattr(host.sys, "platform", "darwin")
+    assert not host.malloc_hugepages_wanted({})
+
+
+def test_transparent_huge_pages_are_read_from_the_kernel_setting(tmp_path):
+    """The file's format is that of /sys/kernel/mm/transparent_hugepage/enabled."""
+    setting = tmp_path / "enabled"
+    for text, possible in (("always [madvise] never\n", True), ("[always] madvise never\n", True)):
+        setting.write_text(text)
+        assert host._transparent_hugepages_possible(str(setting)) is possible
+    setting.write_text("always madvise [never]\n")
+    assert not host._transparent_hugepages_possible(str(setting))
+    assert not host._transparent_hugepages_possible(str(tmp_path / "missing"))
+
+
+def test_the_restart_runs_the_same_command_line_with_the_tunable(capable_host, monkeypatch):
+    calls = []
+
+    def fake_execve(path, argv, env):
+        calls.append((path, argv, env))
+        raise SystemExit(0)  # os.execve never returns
+
+    monkeypatch.setattr(host.os, "execve", fake_execve)
+    monkeypatch.setattr(host.sys, "orig_argv", ["/usr/bin/python3", "-m", "maml_jax.bench", "--workload", "x"])
+    for key in ("GLIBC_TUNABLES", host.MALLOC_HUGEPAGES_OPT_OUT):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SystemExit):
+        host.reexec_with_malloc_hugepages()
+    ((path, argv, env),) = calls
+    assert path == sys.executable and argv == [sys.executable, "-m", "maml_jax.bench", "--workload", "x"]
+    assert env["GLIBC_TUNABLES"] == TUNABLE and env["PATH"] == os.environ["PATH"]
+    monkeypatch.setenv("GLIBC_TUNABLES", TUNABLE)  # the restarted process: nothing more to do
+    host.reexec_with_malloc_hugepages()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv(host.MALLOC_HUGEPAGES_OPT_OUT, "0")
+    host.reexec_with_malloc_hugepages()
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not host.malloc_hugepages_wanted(clean_env()), reason="no glibc >= 2.35 with huge pages here")
+def test_entry_points_restart_with_the_tunable_and_train_the_same_bits(tmp_path):
+    """``python -m maml_jax.bench`` and ``maml-jax bench`` report the tunable they ran with (and
+    none when opted out);
+    ``python -m maml_jax train`` records it in run.json, and a run with it logs the same losses
+    and evaluation as one without, to the bit: the allocator does not change what is computed."""
+    bench = [sys.executable, "-m", "maml_jax.bench", "--workload", "sinusoid", "--iters", "2", "--warmup", "0"]
+    bench += ["--tasks", "2"]
+    script = Path(sys.executable).parent / "maml-jax"  # the console script: maml_jax.cli.console_main
+    entries = [bench] + ([[str(script), "bench", *bench[3:]]] if script.is_file() else [])
+    for cmd in entries:
+        for env, expected in ((clean_env(), TUNABLE), (clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}), None)):
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            assert json.loads(out.stdout)["glibc_tunables"] == expected, cmd
+    train = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--no-progress", *TINY_SINUSOID]
+    runs = {}
+    for name, env in (("with", clean_env()), ("without", clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}))):
+        workdir = tmp_path / name
+        out = subprocess.run([*train, "--workdir", str(workdir)], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = workdir
+    assert json.loads((runs["with"] / "run.json").read_text())["glibc_tunables"] == TUNABLE
+    assert json.loads((runs["without"] / "run.json").read_text())["glibc_tunables"] is None
+    rows = {name: metric_rows(w) for name, w in runs.items()}
+    assert rows["with"] and [r["meta_loss"] for r in rows["with"]] == [r["meta_loss"] for r in rows["without"]]
+    evals = {name: json.loads((w / "eval.json").read_text()) for name, w in runs.items()}
+    assert evals["with"] == evals["without"]
