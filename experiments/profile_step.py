@@ -245,4 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from maml_jax.host import reexec_with_malloc_hugepages
+
+    reexec_with_malloc_hugepages()  # as python -m maml_jax.bench does, so that both time the same process
     sys.exit(main())

@@ -776,4 +776,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from maml_jax.host import reexec_with_malloc_hugepages
+
+    reexec_with_malloc_hugepages()  # as python -m maml_jax.bench does, so that both time the same process
     main()

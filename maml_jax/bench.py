@@ -24,6 +24,12 @@ vs each peer with ratios, the FLOPs per step and the fraction of a measured matm
 instead of the table. ``--rounds R`` measures ours and the peers alternately R times and
 reports medians (a shared machine's noise moves single runs by ±20%).
 
+Run as ``python -m maml_jax.bench`` (or ``maml-jax bench``), the process first restarts itself with
+glibc's huge-page malloc (``host.reexec_with_malloc_hugepages``; ``MAML_JAX_MALLOC_HUGEPAGES=0``
+opts out), as ``maml-jax train`` does. The peers' processes inherit that environment, so both sides
+get it: it ran our miniimagenet-5w1s step 1.21x faster and the peers 1.19-1.25x on a Zen3 EPYC
+(``experiments/results/bench/malloc_hugepages_zen3.md``). ``glibc_tunables`` in the JSON says what ran.
+
 ``--cpu-devices N`` splits the task batch over N XLA CPU devices of this process
 (``jax_num_cpu_devices``; ``parallel.shard_meta_grad``, the path of ``--config.num_devices``),
 each device's share of the tasks running concurrently with the other's. ``DEFAULT_CPU_DEVICES``:
