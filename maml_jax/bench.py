@@ -684,5 +684,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from maml_jax.host import reexec_with_malloc_hugepages
 
-    reexec_with_malloc_hugepages()  # before anything runs; the peers inherit the environment
+    reexec_with_malloc_hugepages()  # before any computation; the peers inherit the environment
     sys.exit(main())

@@ -18,7 +18,8 @@ maml_jax``, ``python -m maml_jax.bench``) do first. XLA:CPU allocates each execu
 buffer with ``malloc`` and frees it afterwards; glibc serves a block that large (551 MB per device
 for the miniimagenet-5w1s step) with a fresh ``mmap`` every time, so each step faulted in about
 270,000 zeroed 4 KiB pages, an eighth of the two cores' time spent in the kernel. With the tunable
-glibc asks for transparent huge pages on such blocks (2 MiB pages, about 1,500 faults a step). The
+glibc asks for transparent huge pages on such blocks (2 MiB pages, about 1,500 faults a step), where the
+kernel's transparent huge pages are on ``madvise`` (with ``always`` they come anyway). The
 allocator does not change what is computed, only where the memory comes from
 (``experiments/results/bench/malloc_hugepages_zen3.md``).
 """
@@ -111,6 +112,7 @@ def is_primary() -> bool:
 
 MALLOC_HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 MALLOC_HUGEPAGES_OPT_OUT = "MAML_JAX_MALLOC_HUGEPAGES"  # set to 0 to keep the process's malloc as it is
+MALLOC_HUGEPAGES_RESTARTED = "MAML_JAX_MALLOC_RESTARTED"  # set in the restarted process: never restart twice
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -137,37 +139,56 @@ def _glibc_has_hugetlb_tunable() -> bool:
     return (major, minor) >= (2, 35)
 
 
-def _transparent_hugepages_possible(setting: str = THP_SETTING) -> bool:
-    """False where the kernel's transparent huge pages are ``[never]`` (or the file is missing),
-    as then the tunable would change nothing."""
+def _transparent_hugepages_on_madvise(setting: str = THP_SETTING) -> bool:
+    """Whether the kernel's transparent huge pages are in ``[madvise]`` mode: the only one in which
+    ``glibc.malloc.hugetlb=1`` changes anything (``never`` refuses huge pages, ``always`` gives them
+    without being asked). False where the file is missing."""
     try:
         with open(setting) as f:
-            return "[never]" not in f.read()
+            return "[madvise]" in f.read()
     except OSError:
         return False
 
 
 def malloc_hugepages_wanted(env: Mapping[str, str] | None = None) -> bool:
     """Whether ``reexec_with_malloc_hugepages`` would restart the process: on Linux with glibc >= 2.35
-    and transparent huge pages not ``never``, when ``GLIBC_TUNABLES`` does not set
-    ``glibc.malloc.hugetlb`` yet and ``MAML_JAX_MALLOC_HUGEPAGES`` is not ``0``."""
+    and transparent huge pages on ``madvise``, when ``GLIBC_TUNABLES`` does not set
+    ``glibc.malloc.hugetlb`` yet, ``MAML_JAX_MALLOC_HUGEPAGES`` is not ``0`` and the process is not
+    itself the restarted one."""
     env = os.environ if env is None else env
     if env.get(MALLOC_HUGEPAGES_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if with_malloc_hugepages(env) == dict(env):  # already set, by the user or an earlier exec
-        return False
-    return sys.platform == "linux" and _glibc_has_hugetlb_tunable() and _transparent_hugepages_possible()
+    if env.get(MALLOC_HUGEPAGES_RESTARTED) or with_malloc_hugepages(env) == dict(env):
+        return False  # restarted already (glibc may drop GLIBC_TUNABLES, e.g. for setuid), or set by the user
+    return sys.platform == "linux" and _glibc_has_hugetlb_tunable() and _transparent_hugepages_on_madvise()
+
+
+def _restartable_command() -> list[str] | None:
+    """``sys.orig_argv`` where running it again repeats this program: not in an interactive or
+    IPython session, not a script read from stdin, and with ``sys.argv``'s arguments at its end
+    (they differ under ``runpy`` or IPython's ``%run``); ``None`` otherwise."""
+    argv = list(getattr(sys, "orig_argv", None) or [])
+    if not argv or sys.flags.interactive or "IPython" in sys.modules or "-" in argv[1:2]:
+        return None
+    args = sys.argv[1:]
+    if args and argv[-len(args) :] != args:
+        return None
+    return argv
 
 
 def reexec_with_malloc_hugepages() -> None:
     """Replace this process by the same command line with ``GLIBC_TUNABLES`` set by
     ``with_malloc_hugepages`` (``os.execve``: same PID, nothing returns), where
-    ``malloc_hugepages_wanted()``; return without doing anything otherwise. glibc reads its
-    tunables only when a process starts, hence the restart. Call it first in a program's entry
-    point, before any output or threads; never from library code or an interactive session."""
-    if not malloc_hugepages_wanted():
+    ``malloc_hugepages_wanted()`` and the command line can be run again (``_restartable_command``);
+    return without doing anything otherwise. glibc reads its tunables only when a process starts,
+    hence the restart. The entry points call it before any computation or output; importing
+    ``maml_jax`` (JAX included) has happened by then and happens again in the new process, about a
+    second. Never call it from library code."""
+    argv = _restartable_command() if malloc_hugepages_wanted() else None
+    if argv is None:
         return
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], with_malloc_hugepages(os.environ))
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    env = {**with_malloc_hugepages(os.environ), MALLOC_HUGEPAGES_RESTARTED: "1"}
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)

@@ -3,6 +3,7 @@ tunable, keep the user's own tunables and opt-out, and train the same bits as wi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def capable_host(monkeypatch):
     """A Linux host with glibc 2.36 and transparent huge pages on madvise, whatever runs the tests."""
     monkeypatch.setattr(host.sys, "platform", "linux")
     monkeypatch.setattr(host.platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(host, "_transparent_hugepages_possible", lambda: True)
+    monkeypatch.setattr(host, "_transparent_hugepages_on_madvise", lambda: True)
 
 
 def test_the_tunable_is_added_to_the_users_own_and_never_overrides_a_hugetlb_setting():
@@ -44,6 +45,7 @@ def test_a_restart_is_wanted_only_where_glibc_and_the_kernel_can_use_it(capable_
         assert not host.malloc_hugepages_wanted({host.MALLOC_HUGEPAGES_OPT_OUT: off})
     assert host.malloc_hugepages_wanted({host.MALLOC_HUGEPAGES_OPT_OUT: "1"})
     assert not host.malloc_hugepages_wanted({"GLIBC_TUNABLES": TUNABLE})  # already restarted
+    assert not host.malloc_hugepages_wanted({host.MALLOC_HUGEPAGES_RESTARTED: "1"})  # glibc dropped the tunable
     assert not host.malloc_hugepages_wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})  # the user's choice
     for libc in (("glibc", "2.34"), ("glibc", ""), ("", ""), ("musl", "1.2")):
         monkeypatch.setattr(host.platform, "libc_ver", lambda libc=libc: libc)
@@ -54,15 +56,18 @@ def test_a_restart_is_wanted_only_where_glibc_and_the_kernel_can_use_it(capable_
     assert not host.malloc_hugepages_wanted({})
 
 
-def test_transparent_huge_pages_are_read_from_the_kernel_setting(tmp_path):
-    """The file's format is that of /sys/kernel/mm/transparent_hugepage/enabled."""
+def test_transparent_huge_pages_must_be_on_madvise(tmp_path):
+    """The file's format is that of /sys/kernel/mm/transparent_hugepage/enabled; glibc's tunable
+    acts only in madvise mode (always gives huge pages unasked, never refuses them)."""
     setting = tmp_path / "enabled"
-    for text, possible in (("always [madvise] never\n", True), ("[always] madvise never\n", True)):
+    for text, on_madvise in (
+        ("always [madvise] never\n", True),
+        ("[always] madvise never\n", False),
+        ("always madvise [never]\n", False),
+    ):
         setting.write_text(text)
-        assert host._transparent_hugepages_possible(str(setting)) is possible
-    setting.write_text("always madvise [never]\n")
-    assert not host._transparent_hugepages_possible(str(setting))
-    assert not host._transparent_hugepages_possible(str(tmp_path / "missing"))
+        assert host._transparent_hugepages_on_madvise(str(setting)) is on_madvise, text
+    assert not host._transparent_hugepages_on_madvise(str(tmp_path / "missing"))
 
 
 def test_the_restart_runs_the_same_command_line_with_the_tunable(capable_host, monkeypatch):
@@ -74,6 +79,8 @@ def test_the_restart_runs_the_same_command_line_with_the_tunable(capable_host, m
 
     monkeypatch.setattr(host.os, "execve", fake_execve)
     monkeypatch.setattr(host.sys, "orig_argv", ["/usr/bin/python3", "-m", "maml_jax.bench", "--workload", "x"])
+    monkeypatch.setattr(host.sys, "argv", ["/src/maml_jax/bench.py", "--workload", "x"])
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
     for key in ("GLIBC_TUNABLES", host.MALLOC_HUGEPAGES_OPT_OUT):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(SystemExit):
@@ -81,11 +88,23 @@ def test_the_restart_runs_the_same_command_line_with_the_tunable(capable_host, m
     ((path, argv, env),) = calls
     assert path == sys.executable and argv == [sys.executable, "-m", "maml_jax.bench", "--workload", "x"]
     assert env["GLIBC_TUNABLES"] == TUNABLE and env["PATH"] == os.environ["PATH"]
+    assert env[host.MALLOC_HUGEPAGES_RESTARTED] == "1"
     monkeypatch.setenv("GLIBC_TUNABLES", TUNABLE)  # the restarted process: nothing more to do
     host.reexec_with_malloc_hugepages()
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv(host.MALLOC_HUGEPAGES_OPT_OUT, "0")
     host.reexec_with_malloc_hugepages()
+    monkeypatch.delenv(host.MALLOC_HUGEPAGES_OPT_OUT)
+    # command lines that would not run this program again: read from stdin, or other arguments
+    # than sys.argv's (runpy, IPython's %run)
+    for orig, argv in (
+        (["/usr/bin/python3", "-"], ["-"]),
+        (["/usr/bin/python3", "-m", "other", "--a"], ["/src/maml_jax/bench.py", "--workload", "x"]),
+        ([], ["/src/maml_jax/bench.py"]),
+    ):
+        monkeypatch.setattr(host.sys, "orig_argv", orig)
+        monkeypatch.setattr(host.sys, "argv", argv)
+        host.reexec_with_malloc_hugepages()
     assert len(calls) == 1
 
 
@@ -94,11 +113,16 @@ def test_entry_points_restart_with_the_tunable_and_train_the_same_bits(tmp_path)
     """``python -m maml_jax.bench`` and ``maml-jax bench`` report the tunable they ran with (and
     none when opted out);
     ``python -m maml_jax train`` records it in run.json, and a run with it logs the same losses
-    and evaluation as one without, to the bit: the allocator does not change what is computed."""
+    and evaluation as one without, to the bit. The sinusoid's buffers are small, so this checks
+    that the restart runs the same program on the same settings; that an allocator cannot change
+    XLA's results is not something a test of this size shows."""
     bench = [sys.executable, "-m", "maml_jax.bench", "--workload", "sinusoid", "--iters", "2", "--warmup", "0"]
     bench += ["--tasks", "2"]
-    script = Path(sys.executable).parent / "maml-jax"  # the console script: maml_jax.cli.console_main
-    entries = [bench] + ([[str(script), "bench", *bench[3:]]] if script.is_file() else [])
+    # the console script (maml_jax.cli.console_main), installed beside the interpreter in a virtual env
+    script = Path(sys.executable).parent / "maml-jax"
+    script = str(script) if script.is_file() else shutil.which("maml-jax")
+    assert script, "the maml-jax console script is not installed"
+    entries = [bench, [script, "bench", *bench[3:]]]
     for cmd in entries:
         for env, expected in ((clean_env(), TUNABLE), (clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}), None)):
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
