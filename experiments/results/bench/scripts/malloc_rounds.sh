@@ -2,7 +2,8 @@
 # Alternated rounds of step_faults.py under three allocator settings: glibc as the process
 # starts by default (base), glibc with huge pages for large blocks (huge), and jemalloc that keeps
 # its freed pages (jemalloc: Debian's libjemalloc2, not a project dependency). Each round rotates
-# the order. Produced the rounds of malloc_hugepages_zen3.md.
+# the order. The MiniImageNet rounds of malloc_hugepages_zen3.md came from a scratch form of this
+# loop and of step_faults.py (the same settings and measurement, text output instead of JSON).
 #
 #   bash experiments/results/bench/scripts/malloc_rounds.sh miniimagenet-5w1s 6 6 > OUT.jsonl
 #   (workload, timed steps per run, rounds)

@@ -1,7 +1,8 @@
 """Wall time, CPU use and minor page faults per train step of a bench workload, as
 ``python -m maml_jax.bench`` runs it by default (``lower_time.default_chunk``), with whatever
-allocator settings this process started with. Produced ``malloc_hugepages_zen3.md``; alternate
-the settings compared, e.g. with ``malloc_rounds.sh``:
+allocator settings this process started with. Produced the Omniglot rounds of
+``malloc_hugepages_zen3.md`` (its MiniImageNet rounds came from a scratch form with the same
+measurement and a text line for output); alternate the settings compared, e.g. with ``malloc_rounds.sh``:
 
     python experiments/results/bench/scripts/step_faults.py miniimagenet-5w1s 6
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/results/bench/scripts/step_faults.py miniimagenet-5w1s 6
