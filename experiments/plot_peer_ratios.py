@@ -5,8 +5,8 @@ issue's goals (10x for the sinusoid, 2x for the image workloads) as dashed lines
     python experiments/plot_peer_ratios.py --out experiments/results/bench/peer_ratios.png
 
 Each ratio is our median it/s over the fastest peer's median (``bench.fastest_peer``), tasks
-sampled in every timed step (the bench's default). ``RUNS`` names the four machines that have one
-complete ``--all`` run each; the machine descriptions are in the ``.md`` beside each file.
+sampled in every timed step (the bench's default). ``RUNS`` names the latest complete ``--all`` run
+on each of four machines; the machine descriptions are in the ``.md`` beside each file.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from maml_jax.bench import WORKLOADS, fastest_peer  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "bench"
 # (label, raw lines of one --all --compare-peers --rounds 3 --json run)
 RUNS = (
-    ("Zen3 EPYC, no AVX-512 (3a985c2)", "zen3_rounds3_3a985c2.jsonl"),
+    ("Zen3 EPYC, no AVX-512 (2ea4805)", "zen3_rounds3_2ea4805.jsonl"),
     ("EPYC with AVX-512 (4a993ec)", "epyc512_rounds3_4a993ec.jsonl"),
     ("Intel Xeon (926c65e)", "xeon_rounds3.jsonl"),
     ("Zen1 EPYC, no AVX-512 (363b6c6)", "zen1_rounds3.jsonl"),
