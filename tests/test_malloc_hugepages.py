@@ -108,25 +108,43 @@ def test_the_restart_runs_the_same_command_line_with_the_tunable(capable_host, m
     assert len(calls) == 1
 
 
-@pytest.mark.skipif(not host.malloc_hugepages_wanted(clean_env()), reason="no glibc >= 2.35 with huge pages here")
-def test_entry_points_restart_with_the_tunable_and_train_the_same_bits(tmp_path):
-    """``python -m maml_jax.bench`` and ``maml-jax bench`` report the tunable they ran with (and
-    none when opted out);
-    ``python -m maml_jax train`` records it in run.json, and a run with it logs the same losses
-    and evaluation as one without, to the bit. The sinusoid's buffers are small, so this checks
-    that the restart runs the same program on the same settings; that an allocator cannot change
-    XLA's results is not something a test of this size shows."""
-    bench = [sys.executable, "-m", "maml_jax.bench", "--workload", "sinusoid", "--iters", "2", "--warmup", "0"]
-    bench += ["--tasks", "2"]
-    # the console script (maml_jax.cli.console_main), installed beside the interpreter in a virtual env
+needs_hugepage_malloc = pytest.mark.skipif(
+    not host.malloc_hugepages_wanted(clean_env()), reason="no glibc >= 2.35 with huge pages here"
+)
+BENCH_ARGS = ["bench", "--workload", "sinusoid", "--iters", "2", "--warmup", "0", "--tasks", "2"]
+
+
+def console_script() -> str:
+    """The ``maml-jax`` console script (``maml_jax.cli.console_main``), installed beside the
+    interpreter in a virtual environment."""
     script = Path(sys.executable).parent / "maml-jax"
     script = str(script) if script.is_file() else shutil.which("maml-jax")
     assert script, "the maml-jax console script is not installed"
-    entries = [bench, [script, "bench", *bench[3:]]]
-    for cmd in entries:
-        for env, expected in ((clean_env(), TUNABLE), (clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}), None)):
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            assert json.loads(out.stdout)["glibc_tunables"] == expected, cmd
+    return script
+
+
+@needs_hugepage_malloc
+@pytest.mark.parametrize("opted_out", [False, True], ids=["default", "opted-out"])
+@pytest.mark.parametrize("entry", ["python -m maml_jax.bench", "maml-jax bench"])
+def test_bench_entry_points_report_the_tunable_they_ran_with(entry, opted_out):
+    """``python -m maml_jax.bench`` and ``maml-jax bench`` restart with the tunable and report it
+    in their JSON line, and report none when opted out. (One test per entry point and setting, so
+    that pytest-xdist spreads the subprocess runs over its workers.)"""
+    if entry == "maml-jax bench":
+        cmd = [console_script(), *BENCH_ARGS]
+    else:
+        cmd = [sys.executable, "-m", "maml_jax.bench", *BENCH_ARGS[1:]]
+    env = clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}) if opted_out else clean_env()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["glibc_tunables"] == (None if opted_out else TUNABLE)
+
+
+@needs_hugepage_malloc
+def test_train_restarts_with_the_tunable_and_trains_the_same_bits(tmp_path):
+    """``python -m maml_jax train`` records the tunable in run.json, and a run with it logs the
+    same losses and evaluation as one without, to the bit. The sinusoid's buffers are small, so
+    this checks that the restart runs the same program on the same settings; that an allocator
+    cannot change XLA's results is not something a test of this size shows."""
     train = [sys.executable, "-m", "maml_jax", "train", "sinusoid", "--no-progress", *TINY_SINUSOID]
     runs = {}
     for name, env in (("with", clean_env()), ("without", clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}))):
