@@ -22,7 +22,9 @@ of the peers' venv, ``--l2l-src`` for learn2learn) on each workload and prints a
 vs each peer with ratios, the FLOPs per step and the fraction of a measured matmul peak
 (``matmul_peak_gflops``: a 2048x2048 float32 matmul in JAX); ``--json`` prints JSON lines
 instead of the table. ``--rounds R`` measures ours and the peers alternately R times and
-reports medians (a shared machine's noise moves single runs by ±20%).
+reports medians (a shared machine's noise moves single runs by ±20%). With ``--compare-peers`` or
+several workloads, each measurement's rates go to stderr as it finishes (``[bench] ...`` lines),
+so a long run shows its progress; stdout holds only the JSON lines or the table.
 
 Run as ``python -m maml_jax.bench`` (or ``maml-jax bench``), the process first restarts itself with
 glibc's huge-page malloc (``host.reexec_with_malloc_hugepages``; ``MAML_JAX_MALLOC_HUGEPAGES=0``
@@ -495,6 +497,21 @@ def run_peers(
     return {r["peer"]: r for r in results}
 
 
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout keeps only the JSON lines or the table)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def round_progress(name: str, i: int, rounds: int, ours: dict, ran: dict[str, dict] | None) -> str:
+    """What round ``i`` of ``rounds`` measured on workload ``name``: our rate and compile time, and
+    each peer's rate where peers ran (``ran``: ``run_peers``'s result; empty: none of them ran)."""
+    line = f"{name} round {i}/{rounds}: maml_jax {ours['it_per_s']:.3g} it/s (compile {ours['compile_s']:.1f} s)"
+    if ran is not None:
+        rates = ", ".join(f"{p} {r['it_per_s']:.3g}" for p, r in ran.items())
+        line += f"; peers: {rates} it/s" if rates else "; no peer ran"
+    return line
+
+
 def peer_table(results: list[dict], peers=PEERS) -> str:
     """Markdown table: ours (meta-steps/s, CPUs used, compile s, GFLOP/step, % of matmul peak) and each
     peer's meta-steps/s with our ratio over it."""
@@ -639,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     # most that many); the CPU platform only, a GPU/TPU run ignores it
     request_cpu_devices(max(devices_of.values()))
     peak = matmul_peak_gflops(a.peak_size) if a.compare_peers else None
+    # a run of several measurements (a whole --all --compare-peers --rounds 3 takes over half an
+    # hour on 2 cores) says on stderr what each one gave as it finishes
+    verbose = a.compare_peers or len(names) > 1
+    if peak is not None:
+        progress(f"matmul peak {peak:.0f} GFLOP/s ({a.peak_size}x{a.peak_size} float32)")
     results = []
     for name in names:
         iters, warmup = DEFAULT_ITERS[WORKLOADS[name]["kind"]]
@@ -649,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["compute_dtype"] = a.compute_dtype
         kwargs["inner_unroll"] = a.inner_unroll
         rounds = []
-        for _ in range(a.rounds if a.compare_peers else 1):
+        num_rounds = a.rounds if a.compare_peers else 1
+        for i in range(1, num_rounds + 1):
             if in_process or not cpus_of[name]:
                 ours = measure(name, iters, warmup, **kwargs)
             else:
@@ -658,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.compare_peers and peers:
                 ran = run_peers(name, a.peers_python, a.peers_script, peers, a.peer_iters, l2l_src=a.l2l_src)
             rounds.append((ours, ran))
+            if verbose:
+                progress(round_progress(name, i, num_rounds, ours, ran))
         result = _combine_rounds(rounds)
         if a.compare_peers:
             result["matmul_peak_gflops"] = peak

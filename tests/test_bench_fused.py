@@ -87,7 +87,12 @@ def test_compare_peers_table_and_json(tmp_path, capsys, as_json):
     argv += ["--peers-python", sys.executable, "--peers-script", str(script), "--peers", "torchfunc,loop,higher"]
     argv += ["--peak-size", "128"] + (["--json"] if as_json else [])
     assert bench.main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # progress on stderr as each measurement finishes: the peak, then ours and each peer that ran
+    progress = [line for line in err.splitlines() if line.startswith("[bench] ")]
+    assert progress[0].startswith("[bench] matmul peak ") and len(progress) == 2
+    assert progress[1].startswith("[bench] sinusoid round 1/1: maml_jax ")
+    assert progress[1].endswith("; peers: torchfunc 2, loop 4 it/s")
     if as_json:
         (r,) = [json.loads(line) for line in out.splitlines()]
         assert set(r["peers"]) == {"torchfunc", "loop"}
@@ -106,6 +111,16 @@ def test_compare_peers_table_and_json(tmp_path, capsys, as_json):
         peer, ratio = cells[6].split(" ", 1)
         assert peer == "2" and ratio.startswith("(") and ratio.endswith("x)")
         assert float(ratio[1:-2]) == pytest.approx(ours / 2, rel=0.01, abs=0.1)
+
+
+def test_round_progress_names_the_round_our_rate_and_each_peer_that_ran():
+    ours = {"it_per_s": 0.30842, "compile_s": 24.1008}
+    line = bench.round_progress(
+        "miniimagenet-5w1s", 2, 3, ours, {"loop": {"it_per_s": 0.2816}, "l2l": {"it_per_s": 0.28}}
+    )
+    assert line == "miniimagenet-5w1s round 2/3: maml_jax 0.308 it/s (compile 24.1 s); peers: loop 0.282, l2l 0.28 it/s"
+    assert bench.round_progress("sinusoid", 1, 1, ours, {}).endswith("(compile 24.1 s); no peer ran")
+    assert bench.round_progress("sinusoid", 1, 1, ours, None).endswith("(compile 24.1 s)")
 
 
 def test_compare_peers_without_the_venv_shows_ours_only(tmp_path, capsys):
