@@ -111,7 +111,7 @@ def test_the_restart_runs_the_same_command_line_with_the_tunable(capable_host, m
 needs_hugepage_malloc = pytest.mark.skipif(
     not host.malloc_hugepages_wanted(clean_env()), reason="no glibc >= 2.35 with huge pages here"
 )
-BENCH_ARGS = ["bench", "--workload", "sinusoid", "--iters", "2", "--warmup", "0", "--tasks", "2"]
+BENCH_ARGS = ["--workload", "sinusoid", "--iters", "2", "--warmup", "0", "--tasks", "2"]
 
 
 def console_script() -> str:
@@ -131,9 +131,9 @@ def test_bench_entry_points_report_the_tunable_they_ran_with(entry, opted_out):
     in their JSON line, and report none when opted out. (One test per entry point and setting, so
     that pytest-xdist spreads the subprocess runs over its workers.)"""
     if entry == "maml-jax bench":
-        cmd = [console_script(), *BENCH_ARGS]
+        cmd = [console_script(), "bench", *BENCH_ARGS]
     else:
-        cmd = [sys.executable, "-m", "maml_jax.bench", *BENCH_ARGS[1:]]
+        cmd = [sys.executable, "-m", "maml_jax.bench", *BENCH_ARGS]
     env = clean_env(**{host.MALLOC_HUGEPAGES_OPT_OUT: "0"}) if opted_out else clean_env()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["glibc_tunables"] == (None if opted_out else TUNABLE)
